@@ -1,0 +1,19 @@
+"""bbits_tf: Bayesian Bits (learned mixed-precision quantization and pruning) for tf_keras and TFLite."""
+from bbits_tf import gates, ops
+from bbits_tf.configs import BayesianBitsQuantizeConfig
+from bbits_tf.quantize import (
+    QuantizeReport,
+    bayesian_bits_quantizers,
+    get_mu,
+    quantize_model,
+    quantize_scope,
+    regularization_loss,
+    set_mu,
+    variable_groups,
+)
+from bbits_tf.quantizers import BayesianBitsQuantizer
+from bbits_tf.scheme import BayesianBitsQuantizeScheme
+
+__version__ = "0.1.0"
+from bbits_tf.bops import layer_bops, relative_bops  # noqa: E402
+from bbits_tf.summary import ModelProfile, LayerProfile, format_summary, plot_summary, summary  # noqa: E402

@@ -1,0 +1,140 @@
+"""BOP accounting (spec section 5): MACs from the model graph, bit widths and kept channels from the gates.
+
+``BOPs = sum_L MACs_L * bits(input activation of L) * bits(weights of L) * keep_L`` and the reference is
+``sum_L MACs_L * 32 * 32``. ``keep_L`` is the fraction of (output channel, input channel) pairs still alive:
+a channel pruned by a producer also removes the consumer's input channel, across pooling, Flatten (where one
+channel maps to H*W inputs) and Concatenate. The model input counts as 8 bits; a tensor that a float layer
+computed (e.g. an Add, a BatchNormalization) counts as 32 bits.
+
+Deterministic BOPs use the test-time gates; expected BOPs use the gates' keep probabilities (each quantizer's
+expected bit width, with the truncation applied, and the mean keep probability of the channels).
+"""
+import dataclasses
+
+import numpy as np
+
+from bbits_tf import configs, graph
+from bbits_tf._keras import keras
+from bbits_tf.quantize import bayesian_bits_quantizers
+
+INPUT_BITS = 8
+FLOAT_BITS = 32
+
+
+@dataclasses.dataclass
+class _Tensor:
+    bits: float
+    keep: np.ndarray  # per element of the last axis: 1/0 (deterministic) or keep probability (expected)
+
+
+@dataclasses.dataclass
+class LayerBops:
+    """BOP accounting of one quantized layer."""
+
+    name: str
+    layer_type: str
+    macs: int
+    weight_bits: float
+    input_bits: float
+    output_bits: float  # FLOAT_BITS if the output is not quantized
+    kept_out: float
+    total_out: int
+    kept_in: float
+    total_in: int
+    keep: float
+    bops: float
+
+
+def _quantizer_state(model):
+    """Layer name -> {"weight": (quantizer, vars), "activation": (quantizer, vars)}."""
+    state = {}
+    for layer, role, quantizer, variables in bayesian_bits_quantizers(model):
+        state.setdefault(layer.name, {})[role] = (quantizer, variables)
+    return state
+
+
+def _bits(entry, expected):
+    if entry is None:
+        return float(FLOAT_BITS)
+    quantizer, variables = entry
+    return quantizer.expected_bit_width(variables) if expected else float(quantizer.bit_width(variables))
+
+
+def _out_keep(entry, n_out, expected):
+    quantizer, variables = entry if entry else (None, None)
+    if quantizer is None or not quantizer.prune:
+        return np.ones(n_out)
+    return quantizer.channel_keep_prob(variables) if expected else quantizer.channel_mask(variables)
+
+
+def _merge(model, layer, inputs):
+    inner = graph.inner_layer(layer)
+    if isinstance(inner, keras.layers.Concatenate):
+        return _Tensor(max(t.bits for t in inputs), np.concatenate([t.keep for t in inputs]))
+    if isinstance(inner, keras.layers.Flatten):
+        (t,) = inputs
+        positions = int(np.prod(graph.input_shape(model, layer)[1:-1] or [1]))
+        return _Tensor(t.bits, np.tile(t.keep, positions))
+    if graph.is_passthrough(layer):
+        return inputs[0]
+    n_out = int(graph.output_shape(model, layer)[-1])
+    if isinstance(inner, keras.layers.Add) or isinstance(inner, keras.layers.Maximum):
+        keep = 1.0 - np.prod([1.0 - t.keep for t in inputs], axis=0)
+        return _Tensor(float(FLOAT_BITS), keep)
+    return _Tensor(float(FLOAT_BITS), np.ones(n_out))
+
+
+def layer_bops(model, *, expected=False, input_bits=INPUT_BITS):
+    """Per-layer BOP accounting of a quantized model, in graph order."""
+    state = _quantizer_state(model)
+    tensors, records = {}, []
+    for layer in graph.topological_layers(model):
+        if isinstance(layer, keras.layers.InputLayer):
+            tensors[id(layer)] = _Tensor(float(input_bits), np.ones(int(graph.output_shape(model, layer)[-1])))
+            continue
+        inputs = [tensors[id(src)] for src in graph.inbound_layers(model, layer)]
+        spec = configs.kernel_spec(graph.inner_layer(layer))
+        if spec is None or layer.name not in state:
+            tensors[id(layer)] = _merge(model, layer, inputs)
+            continue
+        (t_in,) = inputs
+        roles = state[layer.name]
+        n_out = int(graph.output_shape(model, layer)[-1])
+        keep_out = _out_keep(roles.get("weight"), n_out, expected)
+        keep_in = t_in.keep
+        if isinstance(graph.inner_layer(layer), keras.layers.DepthwiseConv2D):
+            keep = float(np.mean(keep_out * np.repeat(keep_in, n_out // len(keep_in))))
+        else:
+            keep = float(np.mean(keep_out) * np.mean(keep_in))
+        macs = graph.layer_macs(model, layer)
+        w_bits = _bits(roles.get("weight"), expected)
+        out_bits = _bits(roles.get("activation"), expected)
+        records.append(
+            LayerBops(
+                name=graph.inner_layer(layer).name,
+                layer_type=type(graph.inner_layer(layer)).__name__,
+                macs=macs,
+                weight_bits=w_bits,
+                input_bits=t_in.bits,
+                output_bits=out_bits,
+                kept_out=float(np.sum(keep_out)),
+                total_out=n_out,
+                kept_in=float(np.sum(keep_in)),
+                total_in=len(keep_in),
+                keep=keep,
+                bops=macs * t_in.bits * w_bits * keep,
+            )
+        )
+        tensors[id(layer)] = _Tensor(out_bits, keep_out)
+    return records
+
+
+def total_macs(model):
+    return sum(r.macs for r in layer_bops(model))
+
+
+def relative_bops(model, *, expected=False):
+    """BOPs in percent of the same network at 32-bit weights and activations."""
+    records = layer_bops(model, expected=expected)
+    reference = sum(r.macs for r in records) * FLOAT_BITS * FLOAT_BITS
+    return 100.0 * sum(r.bops for r in records) / reference

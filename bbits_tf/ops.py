@@ -1,0 +1,115 @@
+"""Quantization math of Bayesian Bits, as pure functions (spec section 1).
+
+Forward function of the gated residual quantizer, for ``bit_widths = (2, 4, 8, 16, 32)``::
+
+    x_c  = clip(x, lo, hi),  hi = (1 - 1e-7) * x_max,  lo = -hi (signed) or 0 (unsigned)
+    s_2  = (hi_range - lo_range) / (2^2 - 1),  s_4 = s_2 / (2^2 + 1),  s_8 = s_4 / (2^4 + 1), ...
+    x_2  = s_2 * R(x_c / s_2),  e_4 = s_4 * R((x_c - x_2) / s_4),  e_8 = s_8 * R((x_c - x_2 - e_4) / s_8), ...
+    x_q  = z_2 * (x_2 + z_4 * (e_4 + z_8 * (e_8 + z_16 * (e_16 + z_32 * e_32))))
+
+``R`` rounds half to even in the forward pass; its gradient is the identity (straight-through estimator).
+The decomposition reproduces direct b-bit rounding on the grid ``k * s_b`` exactly.
+
+Any chain of doubling bit widths works: ``(8,)`` is a fixed 8-bit quantizer, ``(4, 8)`` starts at 4 bits.
+All math runs in float32.
+"""
+import tensorflow as tf
+
+CLIP_SHRINK = 1.0 - 1e-7
+MIN_X_MAX = 1e-8
+
+
+def validate_bit_widths(bit_widths):
+    """Checks that ``bit_widths`` is a non-empty chain of doubling widths of at least 1 bit; returns a tuple."""
+    try:
+        bit_widths = tuple(int(b) for b in bit_widths)
+    except (TypeError, ValueError):
+        raise ValueError(f"`bit_widths` must be a sequence of ints. Received: bit_widths={bit_widths!r}") from None
+    if not bit_widths or bit_widths[0] < 1:
+        raise ValueError(f"`bit_widths` must start with a width >= 1. Received: bit_widths={bit_widths!r}")
+    for lower, upper in zip(bit_widths, bit_widths[1:]):
+        if upper != 2 * lower:
+            raise ValueError(
+                "Each entry of `bit_widths` must double the previous one, e.g. (2, 4, 8, 16, 32). "
+                f"Received: bit_widths={bit_widths!r}"
+            )
+    if bit_widths[-1] > 32:
+        raise ValueError(f"`bit_widths` cannot exceed 32 bits. Received: bit_widths={bit_widths!r}")
+    return bit_widths
+
+
+def round_ste(v):
+    """``round`` (half to even) in the forward pass, identity gradient in the backward pass."""
+    return v + tf.stop_gradient(tf.round(v) - v)
+
+
+def clip(x, x_max, signed):
+    """Clips ``x`` to ``[-hi, hi]`` (signed) or ``[0, hi]`` (unsigned), ``hi = (1 - 1e-7) * x_max``.
+
+    Built from min/max so the gradient w.r.t. ``x`` is 1 inside the range and 0 outside, and ``x_max`` gets
+    the gradient of the clipped values.
+    """
+    hi = CLIP_SHRINK * x_max
+    lo = -hi if signed else tf.zeros_like(hi)
+    return tf.maximum(tf.minimum(x, hi), lo)
+
+
+def step_sizes(x_max, signed, bit_widths):
+    """Step size of every level: ``s_b0 = range / (2^b0 - 1)``, then ``s_2b = s_b / (2^b + 1)``.
+
+    ``range`` is ``2 * x_max`` (signed) or ``x_max`` (unsigned). Equivalently ``s_b = range / (2^b - 1)``.
+    """
+    width = 2.0 * x_max if signed else x_max
+    steps = [width / (2.0 ** bit_widths[0] - 1.0)]
+    for lower in bit_widths[:-1]:
+        steps.append(steps[-1] / (2.0 ** lower + 1.0))
+    return steps
+
+
+def residual_levels(x_c, steps, round_fn=round_ste):
+    """The base term and the residual terms ``[x_b0, e_b1, e_b2, ...]`` of an already clipped tensor."""
+    levels = []
+    remainder = x_c
+    for s in steps:
+        term = s * round_fn(remainder / s)
+        levels.append(term)
+        remainder = remainder - term
+    return levels
+
+
+def gated_sum(levels, z_bits):
+    """``levels[0] + z[0] * (levels[1] + z[1] * (levels[2] + ...))``, for scalar bit gates ``z_bits``."""
+    out = levels[-1]
+    for i in range(len(levels) - 2, -1, -1):
+        out = levels[i] + z_bits[i] * out
+    return out
+
+
+def quantize(x, x_max, signed, bit_widths, z_bits=None):
+    """Quantizes ``x`` with the residual decomposition; ``z_bits=None`` means every bit gate open."""
+    x_max = tf.maximum(tf.cast(x_max, tf.float32), MIN_X_MAX)
+    x_c = clip(tf.cast(x, tf.float32), x_max, signed)
+    levels = residual_levels(x_c, step_sizes(x_max, signed, bit_widths))
+    if z_bits is None:
+        z_bits = tf.ones([len(bit_widths) - 1], tf.float32)
+    return gated_sum(levels, tf.unstack(z_bits, num=len(bit_widths) - 1) if len(bit_widths) > 1 else [])
+
+
+def bits_from_gates(z_bits, bit_widths):
+    """The bit width that deterministic gates select: ``bit_widths[n]`` with n the count of leading open gates."""
+    n = 0
+    for z in z_bits:
+        if z <= 0:
+            break
+        n += 1
+    return bit_widths[n]
+
+
+def expected_bits(q_bits, bit_widths):
+    """Expected bit width ``sum_n bit_widths[n] * P(chain stops at n)`` from (truncated) keep probabilities."""
+    expected, reach = 0.0, 1.0
+    for n, b in enumerate(bit_widths):
+        stay = q_bits[n] if n < len(q_bits) else 0.0
+        expected += b * reach * (1.0 - stay)
+        reach *= stay
+    return expected

@@ -1,0 +1,220 @@
+"""Entry points: ``quantize_model``, ``quantize_scope``, ``set_mu``, ``variable_groups``."""
+import dataclasses
+import logging
+
+from bbits_tf import configs, graph
+from bbits_tf._keras import keras, tfmot
+from bbits_tf.gates import get_gate_kind
+from bbits_tf.ops import validate_bit_widths
+from bbits_tf.quantizers import BayesianBitsQuantizer
+from bbits_tf.scheme import BayesianBitsQuantizeScheme
+
+logger = logging.getLogger("bbits_tf")
+_qkeras = tfmot.quantization.keras
+
+# Defaults of the MNIST recipe (spec 3.1, 7.2): start at 8 bits, gates 16 and 32 truncated.
+DEFAULT_INIT_LOG_ALPHA = (6.0, 6.0, -6.0, -6.0)
+
+
+@dataclasses.dataclass
+class QuantizeReport:
+    """What ``quantize_model`` did: quantized layers, and layers left float with the reason."""
+
+    quantized: list
+    skipped: list  # (layer name, layer type, reason)
+
+    def format(self):
+        lines = [f"bbits_tf: quantized {len(self.quantized)} layers: {', '.join(self.quantized)}"]
+        lines += [f"  left float: {name} ({kind}): {reason}" for name, kind, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def quantize_scope(*args):
+    """Scope in which a saved bbits_tf model loads (``keras.models.load_model`` inside it)."""
+    from bbits_tf import models  # noqa: F401  (registers the reference models' initializers)
+
+    objects = {
+        name.split(">", 1)[1]: obj
+        for name, obj in keras.utils.get_custom_objects().items()
+        if name.startswith("bbits_tf>")
+    }
+    for extra in args:
+        objects.update(extra)
+    return _qkeras.quantize_scope(objects)
+
+
+def _skip_reason(layer):
+    if graph.is_passthrough(layer):
+        return "passes values through unchanged (nothing to quantize)"
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return "BatchNormalization is not folded into the quantized layer yet; it runs in float"
+    if not layer.weights:
+        return "computes in float (no Bayesian Bits config for this layer type)"
+    return "layer type not supported (Conv2D, DepthwiseConv2D and Dense are); its weights stay float"
+
+
+def quantize_model(
+    model,
+    *,
+    mu=0.1,
+    prune=True,
+    bit_widths=(2, 4, 8, 16, 32),
+    init_log_alpha=DEFAULT_INIT_LOG_ALPHA,
+    gate="hard_concrete",
+    mask_bias=True,
+    fixed_weight_bits=None,
+):
+    """Returns a Bayesian Bits quantization-aware copy of a Sequential or Functional tf_keras model.
+
+    Every Conv2D, DepthwiseConv2D and Dense layer gets a gated residual weight quantizer (with per-channel
+    pruning gates if ``prune``) and a quantizer on its output after the activation function. The last layer's
+    output (the logits) stays float and its weights are never pruned. The model input is not quantized and
+    counts as 8 bits. The regularizer ``mu * sum_k R_k`` (spec section 4) is part of ``model.losses``, so an
+    ordinary ``compile``/``fit`` trains weights, ranges and gates. Other layers stay float; they are listed
+    with a reason in ``model.bbits_report`` and in the log.
+
+    Example:
+
+    >>> from bbits_tf import models, quantize_model, summary
+    >>> qmodel = quantize_model(models.lenet5(), mu=0.1)
+    >>> round(summary(qmodel).relative_bops, 3)   # all gates at their initial values: w8a8
+    6.25
+
+    Args:
+        model: a built Sequential or Functional tf_keras model.
+        mu: regularizer strength; change it later with ``bbits_tf.set_mu``.
+        prune: per-output-channel pruning gates on weight quantizers (never on the last layer).
+        bit_widths: chain of doubling bit widths every quantizer can choose from.
+        init_log_alpha: initial ``log_alpha`` of the gates for ``bit_widths[1:]``; the default starts every
+            tensor at 8 bits (the MNIST recipe); ``(6, 6, 6, 6)`` starts at 32 (the CIFAR recipe).
+        gate: ``"hard_concrete"`` (the paper) or ``"gumbel_sigmoid"`` (the paper's ablation).
+        mask_bias: a pruned channel's bias is masked too (deviation from the reference, see README).
+        fixed_weight_bits: if set (e.g. 8 or 4), weights use this fixed bit width (no bit gates), which with
+            ``prune=True`` is the pruning-only ablation; activations keep ``bit_widths``.
+
+    Returns:
+        The quantized model.
+
+    Raises:
+        ValueError: for a subclassed model, a model without an input shape, a Keras 3 model, bad arguments.
+    """
+    graph.check_model(model)
+    bit_widths = validate_bit_widths(bit_widths)
+    init_log_alpha = tuple(float(v) for v in init_log_alpha)
+    if len(init_log_alpha) < len(bit_widths) - 1:
+        raise ValueError(
+            f"`init_log_alpha` needs {len(bit_widths) - 1} values for bit_widths={bit_widths}. "
+            f"Received: init_log_alpha={init_log_alpha}"
+        )
+    get_gate_kind(gate)
+    if mu < 0:
+        raise ValueError(f"`mu` must be >= 0. Received: mu={mu}")
+    weight_bit_widths = bit_widths if fixed_weight_bits is None else validate_bit_widths((fixed_weight_bits,))
+
+    supported = [layer for layer in model.layers if configs.kernel_spec(layer) is not None]
+    if not supported:
+        raise ValueError(
+            "The model has no Conv2D, DepthwiseConv2D or Dense layer to quantize. "
+            f"Received: model with layers {[layer.name for layer in model.layers]}"
+        )
+    macs = {layer.name: graph.layer_macs(model, layer) for layer in supported}
+    max_macs = max(macs.values())
+
+    common = dict(gate=gate, mu=mu, mask_bias=mask_bias)
+    registry = BayesianBitsQuantizeScheme(**common).get_quantize_registry()
+    quantize_configs = {}
+    for layer in supported:
+        last = graph.feeds_output(model, layer)
+        consumers = graph.quantizable_consumers(model, layer)
+        consumer_macs = sum(macs[c.name] for c in consumers)
+        weight_kwargs = dict(
+            bit_widths=weight_bit_widths,
+            init_log_alpha=init_log_alpha[: len(weight_bit_widths) - 1],
+            prune=prune and not last,
+            mac_weight=macs[layer.name] / max_macs,
+        )
+        activation_kwargs = dict(
+            bit_widths=bit_widths,
+            init_log_alpha=init_log_alpha[: len(bit_widths) - 1],
+            mac_weight=consumer_macs / max_macs if consumers else None,
+        )
+        quantize_configs[layer.name] = registry.get_quantize_config(
+            layer, weight_kwargs=weight_kwargs, activation_kwargs=activation_kwargs, quantize_output=not last
+        )
+
+    def annotate(layer):
+        if layer.name in quantize_configs:
+            return _qkeras.quantize_annotate_layer(layer, quantize_config=quantize_configs[layer.name])
+        return layer
+
+    with quantize_scope():
+        annotated = keras.models.clone_model(model, input_tensors=None, clone_function=annotate)
+        quantized = _qkeras.quantize_apply(annotated, scheme=BayesianBitsQuantizeScheme(**common))
+
+    report = QuantizeReport(
+        quantized=[layer.name for layer in supported],
+        skipped=[
+            (layer.name, type(layer).__name__, _skip_reason(layer))
+            for layer in model.layers
+            if layer.name not in quantize_configs and not isinstance(layer, keras.layers.InputLayer)
+        ],
+    )
+    quantized.bbits_report = report
+    logger.info(report.format())
+    return quantized
+
+
+def bayesian_bits_quantizers(model):
+    """``[(wrapper, role, quantizer, variables)]`` for every Bayesian Bits quantizer of a quantized model.
+
+    ``role`` is ``"weight"`` or ``"activation"``; ``variables`` is the dict the quantizer built.
+    """
+    found = []
+    for layer in model.layers:
+        if not isinstance(layer, _qkeras.QuantizeWrapper):
+            continue
+        if not isinstance(layer.quantize_config, configs.BayesianBitsQuantizeConfig):
+            continue
+        for _, quantizer, variables in layer._weight_vars:  # pylint: disable=protected-access
+            found.append((layer, "weight", quantizer, variables))
+        for quantizer in layer._output_quantizers:  # pylint: disable=protected-access
+            found.append((layer, "activation", quantizer, layer._output_quantizer_vars))  # pylint: disable=protected-access
+    return found
+
+
+def _check_quantized(model):
+    found = bayesian_bits_quantizers(model)
+    if not found:
+        raise ValueError(
+            "The model has no Bayesian Bits quantizer; pass the model that `bbits_tf.quantize_model` returned. "
+            f"Received: model={getattr(model, 'name', model)!r}"
+        )
+    return found
+
+
+def set_mu(model, mu):
+    """Sets the regularizer strength of a quantized model in place (no rebuild, no retrace)."""
+    if mu < 0:
+        raise ValueError(f"`mu` must be >= 0. Received: mu={mu}")
+    for _, _, _, variables in _check_quantized(model):
+        variables["mu"].assign(float(mu))
+
+
+def get_mu(model):
+    """The regularizer strength of a quantized model."""
+    return float(_check_quantized(model)[0][3]["mu"].numpy())
+
+
+def variable_groups(model):
+    """Splits the trainable variables into ``{"weights", "ranges", "gates"}``, the paper's three groups."""
+    quantizers = _check_quantized(model)
+    ranges = [v["x_max"] for _, _, _, v in quantizers]
+    gates = [v[key] for _, _, _, v in quantizers for key in ("log_alpha", "log_alpha_2") if key in v]
+    special = {id(v) for v in ranges + gates}
+    weights = [v for v in model.trainable_variables if id(v) not in special]
+    return {"weights": weights, "ranges": ranges, "gates": gates}
+
+
+def regularization_loss(model):
+    """``mu * sum_k R_k`` of a quantized model, as a scalar tensor."""
+    return sum(v["mu"] * q.regularization(v) for _, _, q, v in _check_quantized(model))

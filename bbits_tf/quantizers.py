@@ -1,0 +1,264 @@
+"""tfmot ``Quantizer`` shells around the math in ``ops`` and ``gates``."""
+import numpy as np
+import tensorflow as tf
+
+from bbits_tf import gates as gates_lib
+from bbits_tf import ops
+from bbits_tf._keras import keras, tfmot
+
+_Quantizer = tfmot.quantization.keras.quantizers.Quantizer
+
+# Placeholder range before the first call sets it from the data (spec 1.5).
+_PLACEHOLDER_X_MAX = 10.0
+# gamma_2, the pruning gates, start at 6.0 (spec 3.1).
+PRUNE_INIT_LOG_ALPHA = 6.0
+
+
+def _keep_layer_weights_first(wrapper):
+    """Puts the wrapped layer's own trainable weights first in the wrapper's list, in every build path.
+
+    ``QuantizeWrapperV2`` lists the inner layer's weights before the quantizer's only when the inner layer was
+    built before the wrapper (as in ``quantize_apply``), not when a saved model is loaded. The quantizer's
+    variables are trainable, so without this the weight order differs and a saved model does not reload.
+    """
+    inner = getattr(wrapper, "layer", None)
+    if inner is None:
+        return
+    own = wrapper._trainable_weights  # pylint: disable=protected-access
+    missing = [w for w in inner.trainable_weights if all(w is not x for x in own)]
+    own[:0] = missing
+
+
+@keras.utils.register_keras_serializable(package="bbits_tf")
+class BayesianBitsQuantizer(_Quantizer):
+    """Gated residual quantizer of Bayesian Bits, for one weight or activation tensor.
+
+    Forward function (``bit_widths = (2, 4, 8, 16, 32)``, see ``bbits_tf.ops``)::
+
+        x_q = z_2 * (x_2 + z_4 * (e_4 + z_8 * (e_8 + z_16 * (e_16 + z_32 * e_32))))
+
+    on the clipped input, with step sizes ``s_b = range / (2^b - 1)`` from the learned ``x_max``. ``x_max``
+    is set on the first call to ``max(|x|)`` (signed) or ``max(x)`` (unsigned) and then learned.
+
+    Gradient estimator: rounding uses a straight-through estimator (identity gradient), so
+    ``d x_q / d x = z_2`` inside the clipping range and 0 outside; ``x_max`` gets LSQ-like gradients from every
+    open level plus the clipping term; each gate gets ``d x_q / d z_b`` through the hard-concrete sample.
+
+    Gates: one scalar gate per residual level (``log_alpha``, in increasing bit order), sampled in training
+    and deterministic in inference, cut at the first ``log_alpha <= -2``; with ``prune=True`` one gate ``z_2``
+    per output channel (``log_alpha_2``, the trailing ``channel_ndims`` axes of the kernel).
+
+    Regularizer (spec section 4), added to the layer's losses, ``mu * R`` with ``q = P(z != 0)``::
+
+        prune:     R = mean_c(q2_c) * c * (b0 + b1 q1 + b2 q1 q2 + ...)
+        otherwise: R = 1 + c * (b1 q1 + b2 q1 q2 + ...)
+
+    where ``c = mac_weight`` (this tensor's share of the largest layer's MACs; ``None`` charges 1 per level).
+
+    Args:
+        bit_widths: chain of doubling bit widths; ``(8,)`` is a fixed 8-bit quantizer.
+        init_log_alpha: initial ``log_alpha`` of each residual gate, one per entry of ``bit_widths[1:]``.
+        signed: signed symmetric grid ``[-x_max, x_max]`` (2^b - 1 levels) or unsigned ``[0, x_max]`` (2^b).
+        prune: whether this quantizer has per-output-channel pruning gates.
+        channel_ndims: trailing axes of the tensor that index output channels (2 for a depthwise kernel).
+        mask_bias: with ``prune``, also multiply the layer's bias by ``z_2`` (a deliberate deviation from
+            the reference code so that a pruned channel outputs exactly ``activation(0)``).
+        gate: gate kind, ``"hard_concrete"`` or ``"gumbel_sigmoid"``.
+        mac_weight: ``c_k`` of the regularizer, or ``None`` for unit cost.
+        mu: initial regularizer strength; it lives in a variable that ``bbits_tf.set_mu`` changes.
+    """
+
+    def __init__(
+        self,
+        bit_widths=(2, 4, 8, 16, 32),
+        init_log_alpha=(6.0, 6.0, -6.0, -6.0),
+        signed=True,
+        prune=False,
+        channel_ndims=1,
+        mask_bias=True,
+        gate="hard_concrete",
+        mac_weight=None,
+        mu=0.0,
+    ):
+        self.bit_widths = ops.validate_bit_widths(bit_widths)
+        init_log_alpha = tuple(float(v) for v in init_log_alpha)[: len(self.bit_widths) - 1]
+        if len(init_log_alpha) != len(self.bit_widths) - 1:
+            raise ValueError(
+                "`init_log_alpha` needs one value per residual level (len(bit_widths) - 1 = "
+                f"{len(self.bit_widths) - 1}). Received: init_log_alpha={init_log_alpha!r}"
+            )
+        self.init_log_alpha = init_log_alpha
+        self.signed = bool(signed)
+        self.prune = bool(prune)
+        self.channel_ndims = int(channel_ndims)
+        self.mask_bias = bool(mask_bias)
+        self.gate = gates_lib.get_gate_kind(gate).name
+        self.mac_weight = None if mac_weight is None else float(mac_weight)
+        if mu < 0:
+            raise ValueError(f"`mu` must be >= 0. Received: mu={mu!r}")
+        self.mu = float(mu)
+        self._bias = None
+
+    @property
+    def num_gates(self):
+        return len(self.bit_widths) - 1
+
+    def build(self, tensor_shape, name, layer):
+        """Creates ``x_max``, ``log_alpha``, ``log_alpha_2`` and ``mu`` on the wrapper ``layer``."""
+        _keep_layer_weights_first(layer)
+
+        def add(var_name, **kwargs):  # float32 even under mixed precision (no autocast to float16)
+            return layer.add_weight(var_name, dtype=tf.float32, experimental_autocast=False, **kwargs)
+
+        weights = {
+            "x_max": add(
+                f"{name}_x_max",
+                shape=(),
+                initializer=keras.initializers.Constant(_PLACEHOLDER_X_MAX),
+                trainable=True,
+            ),
+            "range_initialized": add(
+                f"{name}_range_initialized", shape=(), initializer="zeros", trainable=False
+            ),
+            "mu": add(
+                f"{name}_mu", shape=(), initializer=keras.initializers.Constant(self.mu), trainable=False
+            ),
+        }
+        if self.num_gates:
+            weights["log_alpha"] = add(
+                f"{name}_log_alpha",
+                shape=(self.num_gates,),
+                initializer=keras.initializers.Constant(self.init_log_alpha),
+                trainable=True,
+            )
+        if self.prune:
+            channel_shape = tuple(int(d) for d in tensor_shape[-self.channel_ndims :])
+            weights["log_alpha_2"] = add(
+                f"{name}_log_alpha_2",
+                shape=channel_shape,
+                initializer=keras.initializers.Constant(PRUNE_INIT_LOG_ALPHA),
+                trainable=True,
+            )
+            inner = getattr(layer, "layer", None)
+            if self.mask_bias and getattr(inner, "use_bias", False):
+                self._bias = inner.bias
+        layer.add_loss(lambda: weights["mu"] * self.regularization(weights))
+        return weights
+
+    def _range(self, x, weights):
+        """``x_max``, set from the data on the first call (spec 1.5), clamped to >= 1e-8."""
+        x_max, done = weights["x_max"], weights["range_initialized"]
+
+        def initialize():
+            value = tf.reduce_max(tf.abs(x)) if self.signed else tf.reduce_max(x)
+            value = tf.maximum(tf.stop_gradient(value), ops.MIN_X_MAX)
+            with tf.control_dependencies([x_max.assign(value), done.assign(1.0)]):
+                return tf.identity(x_max)
+
+        value = tf.cond(done > 0.0, lambda: tf.identity(x_max), initialize)
+        return tf.maximum(value, ops.MIN_X_MAX)
+
+    def channel_gates(self, weights, training):
+        """``z_2`` per output channel (shape of ``log_alpha_2``), or ``None`` without pruning."""
+        if not self.prune:
+            return None
+        kind = gates_lib.get_gate_kind(self.gate)
+        log_alpha_2 = weights["log_alpha_2"]
+        return kind.sample(log_alpha_2) if training else kind.deterministic(log_alpha_2)
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        """Quantizes ``inputs``; with a masked bias returns ``(kernel, bias)``."""
+        dtype = inputs.dtype
+        x = tf.cast(inputs, tf.float32)
+        x_max = self._range(x, weights)
+        z_bits = None
+        if self.num_gates:
+            z_bits = gates_lib.chain_gates(weights["log_alpha"], self.gate, training)
+        out = ops.quantize(x, x_max, self.signed, self.bit_widths, z_bits)
+        z2 = self.channel_gates(weights, training)
+        if z2 is None:
+            return tf.cast(out, dtype)
+        out = tf.cast(out * z2, dtype)
+        if self._bias is None:
+            return out
+        bias = tf.convert_to_tensor(self._bias)  # float16 inside a mixed-precision layer call
+        return out, tf.cast(tf.cast(bias, tf.float32) * tf.reshape(z2, [-1]), bias.dtype)
+
+    def regularization(self, weights):
+        """``R_k`` of spec section 4 (without ``mu``)."""
+        if self.num_gates:
+            kind = gates_lib.get_gate_kind(self.gate)
+            q = tf.unstack(kind.prob_nonzero(weights["log_alpha"]), num=self.num_gates)
+        else:
+            q = []
+        costs = [1.0 if self.mac_weight is None else self.mac_weight * b for b in self.bit_widths]
+        chain, reach = 0.0, 1.0
+        for q_n, cost in zip(q, costs[1:]):
+            reach = reach * q_n
+            chain = chain + cost * reach
+        if self.prune:
+            kind = gates_lib.get_gate_kind(self.gate)
+            keep = tf.reduce_mean(kind.prob_nonzero(weights["log_alpha_2"]))
+            return keep * (costs[0] + chain)
+        return 1.0 + chain
+
+    def get_config(self):
+        return {
+            "bit_widths": list(self.bit_widths),
+            "init_log_alpha": list(self.init_log_alpha),
+            "signed": self.signed,
+            "prune": self.prune,
+            "channel_ndims": self.channel_ndims,
+            "mask_bias": self.mask_bias,
+            "gate": self.gate,
+            "mac_weight": self.mac_weight,
+            "mu": self.mu,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return isinstance(other, BayesianBitsQuantizer) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    # Deterministic state for reports and export (NumPy, not graph code).
+
+    def bit_width(self, weights):
+        """Bit width the deterministic gates select (spec 5, ``get_bw``)."""
+        if not self.num_gates:
+            return self.bit_widths[0]
+        z = gates_lib.chain_gates(tf.convert_to_tensor(weights["log_alpha"]), self.gate, training=False)
+        return ops.bits_from_gates(z.numpy(), self.bit_widths)
+
+    def expected_bit_width(self, weights):
+        """Expected bit width from the gates' keep probabilities, with the truncation applied."""
+        if not self.num_gates:
+            return float(self.bit_widths[0])
+        log_alpha = tf.convert_to_tensor(weights["log_alpha"])
+        kind = gates_lib.get_gate_kind(self.gate)
+        q = (kind.prob_nonzero(log_alpha) * gates_lib.truncation_mask(log_alpha)).numpy()
+        return float(ops.expected_bits(q, self.bit_widths))
+
+    def channel_mask(self, weights):
+        """Deterministic kept-channel mask, flat, as floats (all ones without pruning)."""
+        if not self.prune:
+            return None
+        return self.channel_gates(weights, training=False).numpy().reshape(-1)
+
+    def channel_keep_prob(self, weights):
+        """P(z_2 != 0) per output channel, flat (``None`` without pruning)."""
+        if not self.prune:
+            return None
+        kind = gates_lib.get_gate_kind(self.gate)
+        return kind.prob_nonzero(weights["log_alpha_2"]).numpy().reshape(-1)
+
+    def step_size(self, weights):
+        """Step size of the deterministic bit width, ``range / (2^b - 1)``."""
+        b = self.bit_width(weights)
+        x_max = max(float(np.asarray(weights["x_max"])), ops.MIN_X_MAX)
+        width = 2.0 * x_max if self.signed else x_max
+        return width / (2.0**b - 1.0)

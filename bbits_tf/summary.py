@@ -1,0 +1,129 @@
+"""Per-layer profile of a quantized model, as data; formatting and plotting are separate functions."""
+import dataclasses
+
+from bbits_tf import bops as bops_lib
+
+
+@dataclasses.dataclass
+class LayerProfile:
+    """One quantized layer at its deterministic (test-time) gates."""
+
+    name: str
+    layer_type: str
+    weight_bits: int
+    input_bits: int
+    output_bits: int  # 32 = float output (the logits)
+    kept_channels: int
+    total_channels: int
+    kept_inputs: int
+    total_inputs: int
+    macs: int
+    bops: float
+    expected_weight_bits: float
+    expected_output_bits: float
+
+
+@dataclasses.dataclass
+class ModelProfile:
+    """Totals and per-layer rows of ``bbits_tf.summary``."""
+
+    layers: list
+    total_macs: int
+    bops: float
+    fp32_bops: float
+    relative_bops: float  # percent, deterministic gates
+    expected_relative_bops: float  # percent, gate probabilities
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def summary(model, print_fn=None):
+    """Profiles a quantized model; prints a table through ``print_fn`` (e.g. ``print``) when one is given."""
+    exact = bops_lib.layer_bops(model)
+    expected = bops_lib.layer_bops(model, expected=True)
+    rows = [
+        LayerProfile(
+            name=r.name,
+            layer_type=r.layer_type,
+            weight_bits=int(r.weight_bits),
+            input_bits=int(r.input_bits),
+            output_bits=int(r.output_bits),
+            kept_channels=int(round(r.kept_out)),
+            total_channels=r.total_out,
+            kept_inputs=int(round(r.kept_in)),
+            total_inputs=r.total_in,
+            macs=r.macs,
+            bops=r.bops,
+            expected_weight_bits=e.weight_bits,
+            expected_output_bits=e.output_bits,
+        )
+        for r, e in zip(exact, expected)
+    ]
+    total_macs = sum(r.macs for r in exact)
+    fp32 = float(total_macs * bops_lib.FLOAT_BITS * bops_lib.FLOAT_BITS)
+    profile = ModelProfile(
+        layers=rows,
+        total_macs=total_macs,
+        bops=float(sum(r.bops for r in exact)),
+        fp32_bops=fp32,
+        relative_bops=100.0 * sum(r.bops for r in exact) / fp32,
+        expected_relative_bops=100.0 * sum(r.bops for r in expected) / fp32,
+    )
+    if print_fn is not None:
+        print_fn(format_summary(profile))
+    return profile
+
+
+def format_summary(profile):
+    """The profile as a text table."""
+    header = f"{'layer':<16}{'type':<17}{'w bits':>7}{'in bits':>8}{'out bits':>9}{'channels':>12}{'MACs':>12}{'BOPs':>14}"
+    lines = [header, "-" * len(header)]
+    for r in profile.layers:
+        out_bits = "float" if r.output_bits >= 32 else str(r.output_bits)
+        lines.append(
+            f"{r.name:<16}{r.layer_type:<17}{r.weight_bits:>7}{r.input_bits:>8}{out_bits:>9}"
+            f"{f'{r.kept_channels}/{r.total_channels}':>12}{r.macs:>12,}{r.bops:>14,.0f}"
+        )
+    lines.append("-" * len(header))
+    lines.append(
+        f"total MACs {profile.total_macs:,}; BOPs {profile.bops:,.0f} = {profile.relative_bops:.3f}% of FP32 "
+        f"(expected {profile.expected_relative_bops:.3f}%)"
+    )
+    return "\n".join(lines)
+
+
+def plot_summary(profile, path=None):
+    """Bar charts of the per-layer bit widths and kept channels; saves a PNG to ``path`` if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in profile.layers]
+    x = range(len(names))
+    fig, (ax_bits, ax_keep) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_bits.bar([i - 0.2 for i in x], [r.weight_bits for r in profile.layers], width=0.4, label="weights")
+    ax_bits.bar(
+        [i + 0.2 for i in x],
+        [r.output_bits if r.output_bits < 32 else 0 for r in profile.layers],
+        width=0.4,
+        label="output activations",
+    )
+    ax_bits.set_yscale("log", base=2)
+    ax_bits.set_xticks(list(x), names)
+    ax_bits.set_ylabel("bits")
+    ax_bits.set_title(f"bit widths ({profile.relative_bops:.3f}% relative BOPs)")
+    ax_bits.legend()
+    ax_keep.bar(x, [100.0 * r.kept_channels / r.total_channels for r in profile.layers])
+    for i, r in enumerate(profile.layers):
+        ax_keep.text(i, 100.0 * r.kept_channels / r.total_channels, f"{r.kept_channels}/{r.total_channels}",
+                     ha="center", va="bottom", fontsize=8)
+    ax_keep.set_xticks(list(x), names)
+    ax_keep.set_ylabel("kept output channels (%)")
+    ax_keep.set_ylim(0, 110)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig

@@ -1,0 +1,217 @@
+"""quantize_model on LeNet5 and friends: structure, regularizer, training, serialization, bad input."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bbits_tf
+from bbits_tf import models
+from bbits_tf._keras import keras
+
+
+@pytest.fixture(scope="module")
+def qlenet():
+    return bbits_tf.quantize_model(models.lenet5(), mu=0.1)
+
+
+def _quantizers(model):
+    return {(layer.layer.name, role): (q, v) for layer, role, q, v in bbits_tf.bayesian_bits_quantizers(model)}
+
+
+def _variable(model, layer, suffix):
+    """A float variable of a wrapped layer (``layer.kernel`` is the quantized tensor after a call)."""
+    (var,) = [v for v in model.get_layer(f"quant_{layer}").weights if v.name.endswith(f"/{suffix}:0")]
+    return var
+
+
+def test_lenet5_has_7_quantizers_and_636_gates(qlenet):
+    quantizers = bbits_tf.bayesian_bits_quantizers(qlenet)
+    assert len(quantizers) == 7  # 4 weight + 3 activation quantizers; the logits stay float
+    z2 = sum(int(np.prod(v["log_alpha_2"].shape)) for _, _, _, v in quantizers if "log_alpha_2" in v)
+    bit_gates = sum(int(np.prod(v["log_alpha"].shape)) for _, _, _, v in quantizers)
+    assert (z2, bit_gates, z2 + bit_gates) == (608, 28, 636)
+
+
+def test_roles_signs_pruning_and_regularizer_weights(qlenet):
+    q = _quantizers(qlenet)
+    # Spec 4, LeNet5 table of c_k.
+    want = {
+        ("conv1", "weight"): 0.140625, ("conv2", "weight"): 1.0, ("fc1", "weight"): 0.16,
+        ("fc2", "weight"): 0.0015625, ("conv1", "activation"): 1.0, ("conv2", "activation"): 0.16,
+        ("fc1", "activation"): 0.0015625,
+    }
+    assert {k: quantizer.mac_weight for k, (quantizer, _) in q.items()} == pytest.approx(want)
+    assert all(quantizer.signed for (_, role), (quantizer, _) in q.items() if role == "weight")
+    assert not any(quantizer.signed for (_, role), (quantizer, _) in q.items() if role == "activation")
+    assert [name for (name, role), (quantizer, _) in q.items() if quantizer.prune] == ["conv1", "conv2", "fc1"]
+    assert ("fc2", "activation") not in q
+
+
+def test_regularizer_value_matches_spec_formula(qlenet):
+    # Every gate at its initial value: q = sigmoid(6 + 1.5986) for gates 4, 8 and sigmoid(-6 + 1.5986) above.
+    q6, qm6 = 1 / (1 + np.exp(-(6 + 1.598597))), 1 / (1 + np.exp(-(-6 + 1.598597)))
+    chain = lambda c, first: c * (first + 4 * q6 + 8 * q6 * q6 + 16 * q6 * q6 * qm6 + 32 * q6 * q6 * qm6 * qm6)
+    pruned = sum(q6 * chain(c, 2) for c in (0.140625, 1.0, 0.16))
+    unpruned = sum(1 + chain(c, 0) for c in (0.0015625, 1.0, 0.16, 0.0015625))
+    got = float(bbits_tf.regularization_loss(qlenet))
+    assert got == pytest.approx(0.1 * (pruned + unpruned), rel=1e-5)
+    assert float(sum(qlenet.losses)) == pytest.approx(got, rel=1e-6)
+
+
+def test_set_mu_changes_the_loss_without_rebuilding():
+    qmodel = bbits_tf.quantize_model(models.lenet5(), mu=0.1)
+    before = float(bbits_tf.regularization_loss(qmodel))
+    bbits_tf.set_mu(qmodel, 0.3)
+    assert bbits_tf.get_mu(qmodel) == pytest.approx(0.3)
+    assert float(bbits_tf.regularization_loss(qmodel)) == pytest.approx(3 * before, rel=1e-6)
+    with pytest.raises(ValueError, match="mu"):
+        bbits_tf.set_mu(qmodel, -1.0)
+
+
+def test_one_training_step_moves_weights_ranges_and_gates():
+    tf.random.set_seed(0)
+    qmodel = bbits_tf.quantize_model(models.lenet5(), mu=0.1)
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 16)
+    qmodel(x[:2], training=True)  # data-dependent range initialisation (spec 1.5)
+    groups = bbits_tf.variable_groups(qmodel)
+    assert [len(groups[k]) for k in ("weights", "ranges", "gates")] == [8, 7, 10]
+    before = {k: [v.numpy().copy() for v in vs] for k, vs in groups.items()}
+    qmodel.compile(keras.optimizers.Adam(1e-3, epsilon=1e-8), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss = qmodel.train_on_batch(x, y)
+    assert np.isfinite(loss)
+    for key, variables in groups.items():
+        for old, var in zip(before[key], variables):
+            assert not np.allclose(old, var.numpy()), f"{key}: {var.name} did not move"
+
+
+def test_range_initialised_from_data_on_first_call():
+    qmodel = bbits_tf.quantize_model(models.lenet5())
+    x = np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32)
+    qmodel(x, training=True)
+    q = _quantizers(qmodel)
+    kernel = _variable(qmodel, "conv1", "kernel").numpy()
+    assert float(q[("conv1", "weight")][1]["x_max"].numpy()) == pytest.approx(np.abs(kernel).max(), rel=1e-6)
+    assert float(q[("conv1", "weight")][1]["range_initialized"].numpy()) == 1.0
+
+
+def test_inference_uses_deterministic_gates_and_lies_on_the_grid(qlenet):
+    x = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+    out1 = qlenet(x, training=False).numpy()
+    out2 = qlenet(x, training=False).numpy()
+    np.testing.assert_array_equal(out1, out2)
+    # Hidden activations of fc1 are unsigned 8-bit: integers times the step x_max / 255.
+    fc1 = keras.Model(qlenet.inputs, qlenet.get_layer("quant_fc1").output)(x, training=False).numpy()
+    step = float(_quantizers(qlenet)[("fc1", "activation")][1]["x_max"].numpy()) / 255
+    np.testing.assert_allclose(fc1 / step, np.round(fc1 / step), atol=2e-3)
+
+
+def test_pruned_channel_outputs_activation_of_zero():
+    qmodel = bbits_tf.quantize_model(models.lenet5())
+    x = np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32)
+    qmodel(x, training=True)
+    _variable(qmodel, "conv1", "bias").assign(np.full(32, 0.5, np.float32))
+    _, variables = _quantizers(qmodel)[("conv1", "weight")]
+    variables["log_alpha_2"].assign(np.where(np.arange(32) < 5, -6.0, 6.0).astype(np.float32))
+    conv1 = keras.Model(qmodel.inputs, qmodel.get_layer("quant_conv1").output)(x, training=False).numpy()
+    assert np.count_nonzero(conv1[..., :5]) == 0  # bias masked too: relu(0) = 0
+    assert np.all(conv1[..., 5:].max(axis=(0, 1, 2)) > 0)
+
+
+def test_sequential_and_functional_with_a_branch():
+    inputs = keras.Input((12, 12, 3))
+    a = keras.layers.Conv2D(8, 3, activation="relu", name="a")(inputs)
+    b = keras.layers.Conv2D(4, 3, activation="relu", name="b")(inputs)
+    c = keras.layers.Concatenate(name="cat")([a, b])
+    d = keras.layers.DepthwiseConv2D(3, activation="relu", name="dw")(c)
+    f = keras.layers.Flatten()(keras.layers.MaxPooling2D()(d))
+    out = keras.layers.Dense(5, name="head")(f)
+    model = keras.Model(inputs, out)
+    qmodel = bbits_tf.quantize_model(model)
+    q = _quantizers(qmodel)
+    assert sorted(q) == sorted([("a", "weight"), ("a", "activation"), ("b", "weight"), ("b", "activation"),
+                                ("dw", "weight"), ("dw", "activation"), ("head", "weight")])
+    assert q[("dw", "weight")][1]["log_alpha_2"].shape == (12, 1)  # one gate per depthwise output channel
+    # Both branches feed the depthwise conv: their output quantizers share its MACs.
+    dw_macs = 8 * 8 * 9 * 12
+    max_macs = max(10 * 10 * 27 * 8, 10 * 10 * 27 * 4, dw_macs, 4 * 4 * 12 * 5)
+    assert q[("a", "activation")][0].mac_weight == pytest.approx(dw_macs / max_macs)
+    x = np.random.default_rng(0).random((3, 12, 12, 3), dtype=np.float32)
+    qmodel.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert np.isfinite(qmodel.train_on_batch(x, np.array([0, 1, 2])))
+    profile = bbits_tf.summary(qmodel)
+    assert [r.name for r in profile.layers] == ["a", "b", "dw", "head"]
+    assert profile.relative_bops == pytest.approx(6.25)
+
+
+def _subclassed():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.d(x)
+
+    net = Net()
+    net(np.zeros((1, 4), np.float32))
+    return net
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (_subclassed, "subclassed"),
+        (lambda: keras.Sequential([keras.layers.Dense(3)]), "no defined input shape"),
+        (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Flatten()]), "no Conv2D"),
+        (lambda: "not a model", "Expected a tf_keras Model"),
+    ],
+)
+def test_bad_models_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        bbits_tf.quantize_model(make())
+
+
+def test_keras3_model_raises_with_advice():
+    import keras as keras3  # the Keras 3 that tf.keras is on TF 2.21; only to check the error message
+
+    model = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)])
+    with pytest.raises(ValueError, match="Keras 3"):
+        bbits_tf.quantize_model(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"mu": -1}, "mu"), ({"gate": "gumbel"}, "gate"), ({"bit_widths": (2, 3)}, "bit_widths"),
+     ({"init_log_alpha": (6,)}, "init_log_alpha")],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bbits_tf.quantize_model(models.lenet5(), **kwargs)
+
+
+def test_report_lists_float_layers_with_reasons(qlenet):
+    report = qlenet.bbits_report
+    assert report.quantized == ["conv1", "conv2", "fc1", "fc2"]
+    assert {name for name, _, _ in report.skipped} == {"pool1", "pool2", "flatten"}
+    vgg = bbits_tf.quantize_model(models.vgg7())
+    reasons = {name: reason for name, _, reason in vgg.bbits_report.skipped}
+    assert "BatchNormalization is not folded" in reasons["conv1_bn"]
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_save_and_reload_gives_identical_outputs(tmp_path, suffix):
+    qmodel = bbits_tf.quantize_model(models.lenet5(), mu=0.05)
+    x = np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32)
+    qmodel(x, training=True)
+    _quantizers(qmodel)[("conv2", "weight")][1]["log_alpha_2"].assign(np.linspace(-3, 3, 64).astype(np.float32))
+    bbits_tf.set_mu(qmodel, 0.2)
+    want = qmodel(x, training=False).numpy()
+    path = str(tmp_path / f"model{suffix}")
+    qmodel.save(path)
+    with bbits_tf.quantize_scope():
+        loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded(x, training=False).numpy(), want)
+    assert bbits_tf.get_mu(loaded) == pytest.approx(0.2)
+    assert float(bbits_tf.regularization_loss(loaded)) == pytest.approx(float(bbits_tf.regularization_loss(qmodel)))
+    assert bbits_tf.summary(loaded).relative_bops == pytest.approx(bbits_tf.summary(qmodel).relative_bops)
