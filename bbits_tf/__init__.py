@@ -5,6 +5,7 @@ from bbits_tf.quantize import (
     QuantizeReport,
     bayesian_bits_quantizers,
     get_mu,
+    initialize_ranges,
     quantize_model,
     quantize_scope,
     regularization_loss,

@@ -2,11 +2,12 @@
 import dataclasses
 import logging
 
+import tensorflow as tf
+
 from bbits_tf import configs, graph
 from bbits_tf._keras import keras, tfmot
 from bbits_tf.gates import get_gate_kind
 from bbits_tf.ops import validate_bit_widths
-from bbits_tf.quantizers import BayesianBitsQuantizer
 from bbits_tf.scheme import BayesianBitsQuantizeScheme
 
 logger = logging.getLogger("bbits_tf")
@@ -190,6 +191,16 @@ def _check_quantized(model):
             f"Received: model={getattr(model, 'name', model)!r}"
         )
     return found
+
+
+def initialize_ranges(model, x):
+    """Sets every quantizer's range from data: one training-mode forward pass on ``x[:2]`` (spec 1.5, 9.8).
+
+    ``fit`` does this on its first step anyway; call it explicitly under a ``tf.distribute`` strategy (inside
+    its scope, before ``fit``) so that every replica starts from the same ranges.
+    """
+    _check_quantized(model)
+    model(tf.convert_to_tensor(x[:2]), training=True)
 
 
 def set_mu(model, mu):

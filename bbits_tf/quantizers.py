@@ -146,8 +146,23 @@ class BayesianBitsQuantizer(_Quantizer):
         return weights
 
     def _range(self, x, weights):
-        """``x_max``, set from the data on the first call (spec 1.5), clamped to >= 1e-8."""
+        """``x_max``, set from the data on the first call (spec 1.5), clamped to >= 1e-8.
+
+        A graph traced after the range was set has no initialisation branch at all.
+        """
         x_max, done = weights["x_max"], weights["range_initialized"]
+        with tf.init_scope():
+            initialized = bool(done.numpy() > 0) if tf.executing_eagerly() else False
+        if initialized:
+            return tf.maximum(tf.identity(x_max), ops.MIN_X_MAX)
+        strategy = tf.distribute.get_strategy()
+        if tf.distribute.in_cross_replica_context() is False and strategy.num_replicas_in_sync > 1:
+            raise ValueError(
+                "Quantization ranges are set from the data on the first forward pass, which must not run in a "
+                "replica context (each replica would see its own share of the batch). Call "
+                "`bbits_tf.initialize_ranges(model, x)` inside `strategy.scope()` before `fit`. "
+                f"Received: {strategy.num_replicas_in_sync} replicas, ranges not initialised"
+            )
 
         def initialize():
             value = tf.reduce_max(tf.abs(x)) if self.signed else tf.reduce_max(x)
@@ -171,10 +186,11 @@ class BayesianBitsQuantizer(_Quantizer):
         dtype = inputs.dtype
         x = tf.cast(inputs, tf.float32)
         x_max = self._range(x, weights)
-        z_bits = None
+        z_bits = alive = None
         if self.num_gates:
             z_bits = gates_lib.chain_gates(weights["log_alpha"], self.gate, training)
-        out = ops.quantize(x, x_max, self.signed, self.bit_widths, z_bits)
+            alive = gates_lib.truncation_mask(weights["log_alpha"]) > 0
+        out = ops.quantize(x, x_max, self.signed, self.bit_widths, z_bits, alive)
         z2 = self.channel_gates(weights, training)
         if z2 is None:
             return tf.cast(out, dtype)

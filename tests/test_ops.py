@@ -105,3 +105,31 @@ def test_bits_from_gates_and_expected_bits():
     # q4 = 0.5: half 2 bits, half 4 bits.
     assert ops.expected_bits([0.5, 0, 0, 0], CHAIN) == pytest.approx(3.0)
     assert ops.expected_bits([], (8,)) == 8
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fast_form_equals_the_residual_chain_values_and_gradients(signed):
+    """``quantize`` (sum of direct roundings) equals the spec's x_2 + z4 (e_4 + z8 (e_8 + ...)) chain."""
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=2000).astype(np.float32))
+    x_max = tf.constant(1.7)
+    z = tf.constant([0.9, 0.4, 0.7, 0.2])
+    upstream = tf.constant(rng.normal(size=2000).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, x_max, z])
+        fast = tf.reduce_sum(upstream * ops.quantize(x, x_max, signed, CHAIN, z))
+        x_c = ops.clip(x, x_max, signed)
+        chain = ops.gated_sum(ops.residual_levels(x_c, ops.step_sizes(x_max, signed, CHAIN)), tf.unstack(z))
+        ref = tf.reduce_sum(upstream * chain)
+    np.testing.assert_allclose(fast.numpy(), ref.numpy(), rtol=1e-5)
+    for var in (x, x_max, z):
+        np.testing.assert_allclose(tape.gradient(fast, var).numpy(), tape.gradient(ref, var).numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_truncated_levels_are_skipped_but_equal():
+    x = tf.constant(np.linspace(-2, 2, 101).astype(np.float32))
+    z = tf.constant([1.0, 1.0, 0.0, 0.0])
+    alive = tf.constant([True, True, False, False])
+    np.testing.assert_array_equal(
+        ops.quantize(x, 1.5, True, CHAIN, z, alive).numpy(), ops.quantize(x, 1.5, True, CHAIN, z).numpy()
+    )

@@ -1,0 +1,226 @@
+"""Bayesian Bits on MNIST / LeNet5: train, evaluate every epoch, report, plot, save.
+
+    python examples/mnist.py                              # the fast recipe (default), seed 0
+    python examples/mnist.py --recipe paper               # the paper's recipe: 100 epochs (spec 7.2)
+    python examples/mnist.py --method tfmot_w4a8          # a fixed-bit baseline, same data/epochs/evaluation
+    python examples/mnist.py --epochs 1 --train-limit 2000 --output-dir /tmp/smoke   # CI smoke run
+
+Writes to ``--output-dir`` (default ``runs/mnist-<method>-<seed>``): ``results.json`` (accuracy, relative BOPs,
+per-layer bits and kept channels, wall time, settings, per-epoch history), the trained model (``model/``, a
+SavedModel: ``with bbits_tf.quantize_scope(): keras.models.load_model(path)``; baselines load in
+``tfmot.quantization.keras.quantize_scope()``), and the plots ``bops_accuracy.png``, ``bit_widths.png``
+(Bayesian Bits methods) and ``layers.png``.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+import bbits_tf  # noqa: E402
+from bbits_tf import data as data_lib  # noqa: E402
+from bbits_tf import models, training  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--recipe", choices=sorted(training.RECIPES), default="fast", help="training recipe")
+    parser.add_argument("--method", choices=training.METHODS, default="bb",
+                        help="Bayesian Bits (bb), an ablation, or a fixed-bit baseline")
+    parser.add_argument("--epochs", type=int, help="total epochs, float warm-up included (default: the recipe's)")
+    parser.add_argument("--warmup-epochs", type=int, help="float epochs before quantizing (default: the recipe's)")
+    parser.add_argument("--mu", type=float, help="regularizer strength (default: the recipe's)")
+    parser.add_argument("--batch-size", type=int, help="training batch size (default: the recipe's)")
+    parser.add_argument("--lr", type=float, help="weights learning rate (default: the recipe's)")
+    parser.add_argument("--range-lr", type=float, help="quantization range learning rate (default: the recipe's)")
+    parser.add_argument("--gate-lr", type=float, help="gate learning rate (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (init, gates, shuffling)")
+    parser.add_argument("--data-dir", help="folder with the 4 MNIST-format IDX files (default: the shipped MNIST)")
+    parser.add_argument("--tfds", action="store_true", help="load MNIST through tensorflow_datasets instead")
+    parser.add_argument("--train-limit", type=int, help="train on the first N training images only")
+    parser.add_argument("--output-dir", help="where results go (default: runs/mnist-<method>-<seed>)")
+    parser.add_argument("--log-dir", help="TensorBoard log folder (default: none)")
+    parser.add_argument("--bit-width-every", type=int, default=50,
+                        help="also record the bit widths every N steps (for bit_widths.png); 0: per epoch only")
+    parser.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+                        help="export the trained model to TFLite (when tflite_export provides it)")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1, help="Keras fit verbosity")
+    return parser.parse_args(argv)
+
+
+def make_recipe(args):
+    recipe = training.RECIPES[args.recipe]
+    epochs = args.epochs or recipe.epochs
+    warmup = recipe.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
+    if warmup >= epochs:
+        print(f"note: {warmup} warm-up epoch(s) do not fit in {epochs} epoch(s); warming up for {epochs - 1}")
+        warmup = epochs - 1
+    return training.get_recipe(recipe, epochs=epochs, warmup_epochs=warmup, mu=args.mu, batch_size=args.batch_size,
+                               lr_weights=args.lr, lr_ranges=args.range_lr, lr_gates=args.gate_lr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def plot_bops_accuracy(history, path, warmup_epochs=0):
+    """Relative BOPs (log scale, left) and test accuracy (right) over the epochs."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, ax_bops = plt.subplots(figsize=(7, 4))
+    if warmup_epochs:
+        ax_bops.axvspan(0.5, warmup_epochs + 0.5, color="0.9", label="float warm-up")
+    ax_bops.plot(epochs, [h.get("relative_bops", math.nan) for h in history], "o-", color="tab:blue",
+                 label="relative BOPs (deterministic gates)")
+    ax_bops.plot(epochs, [h.get("expected_relative_bops", math.nan) for h in history], "--", color="tab:blue",
+                 alpha=0.6, label="expected relative BOPs")
+    ax_bops.set_yscale("log")
+    plain = matplotlib_ticker().FuncFormatter(lambda value, _: f"{value:g}")
+    ax_bops.yaxis.set_major_formatter(plain)
+    ax_bops.yaxis.set_minor_formatter(plain)
+    ax_bops.set_xlabel("epoch")
+    ax_bops.set_ylabel("relative BOPs (% of FP32)", color="tab:blue")
+    ax_acc = ax_bops.twinx()
+    ax_acc.plot(epochs, [100 * h.get("test_accuracy", math.nan) for h in history], "s-", color="tab:red",
+                label="test accuracy")
+    ax_acc.set_ylabel("test accuracy (%)", color="tab:red")
+    lines = ax_bops.get_legend_handles_labels()
+    more = ax_acc.get_legend_handles_labels()
+    ax_bops.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+    last = history[-1]
+    ax_bops.set_title(f"final: {100 * last.get('test_accuracy', math.nan):.2f}% at "
+                      f"{last.get('relative_bops', math.nan):.3f}% relative BOPs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bit_widths(records, path, epoch_offset=0):
+    """log2 of every quantizer's expected bit width over training (the paper's bit-width evolution figure)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(records[0]["log2_bits"]) if records else []
+    x = [r["epoch"] + epoch_offset for r in records]
+    for name in names:
+        style = "-" if name.endswith("/weight") else "--"
+        ax.plot(x, [r["log2_bits"][name] for r in records], style, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("log2(expected bit width)")
+    ax.set_ylim(0.8, 5.2)
+    ax.set_title("expected bit width per quantizer (solid: weights, dashed: activations)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def export_tflite(model, output_dir, data):
+    """HOOK: TFLite export (issue 4). The lead wires ``tflite_export`` in here; nothing is exported yet."""
+    try:
+        import tflite_export  # noqa: F401  (lazy: heavy, and optional)
+    except ImportError:
+        print("tflite export not available")
+        return None
+    # TODO(lead): build the per-layer plans from `model` and call tflite_export.export(...) here.
+    print("tflite export not available (hook in examples/mnist.py: export_tflite is not wired yet)")
+    return None
+
+
+def layer_rows(profile):
+    return [
+        {"name": r.name, "type": r.layer_type, "weight_bits": r.weight_bits, "input_bits": r.input_bits,
+         "activation_bits": r.output_bits, "kept_channels": r.kept_channels, "total_channels": r.total_channels,
+         "kept_inputs": r.kept_inputs, "total_inputs": r.total_inputs, "macs": r.macs, "bops": r.bops,
+         "expected_weight_bits": r.expected_weight_bits, "expected_activation_bits": r.expected_output_bits}
+        for r in profile.layers
+    ]
+
+
+def main(argv=None):
+    start = time.time()
+    args = parse_args(argv)
+    recipe = make_recipe(args)
+    output_dir = Path(args.output_dir or f"runs/mnist-{args.method}-{args.seed}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = data_lib.load_mnist(args.data_dir, source="tfds" if args.tfds else "idx", train_limit=args.train_limit)
+    (x_train, _), (x_test, _) = data
+    print(f"MNIST: {len(x_train)} training, {len(x_test)} test images; method {args.method}; recipe {args.recipe}: "
+          f"{recipe}")
+
+    result = training.run(models.lenet5, recipe, data, method=args.method, seed=args.seed, verbose=args.verbose,
+                          log_dir=args.log_dir, bit_width_every=args.bit_width_every or None)
+    print(bbits_tf.format_summary(result.profile))
+    warmup = 0 if args.method == "float" else recipe.warmup_epochs
+
+    result.model.save(output_dir / "model", include_optimizer=False)
+    plot_bops_accuracy(result.history, output_dir / "bops_accuracy.png", warmup)
+    if result.bit_widths:
+        plot_bit_widths(result.bit_widths, output_dir / "bit_widths.png", warmup)
+    bbits_tf.plot_summary(result.profile, output_dir / "layers.png")
+    exported = export_tflite(result.model, output_dir, data) if args.export else None
+
+    results = {
+        "test_accuracy": result.test_accuracy,
+        "relative_bops": result.profile.relative_bops,
+        "expected_relative_bops": result.profile.expected_relative_bops,
+        "method": args.method,
+        "layers": layer_rows(result.profile),
+        "total_macs": result.profile.total_macs,
+        "wall_time_s": result.wall_time_s,
+        "total_wall_time_s": time.time() - start,
+        "epochs": recipe.epochs,
+        "warmup_epochs": warmup,
+        "settings": {
+            "command_line": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+            "args": vars(args),
+            "recipe_name": args.recipe,
+            "recipe": recipe.to_dict(),
+            "seed": args.seed,
+            "train_images": len(x_train),
+            "test_images": len(x_test),
+            "tensorflow": tf.__version__,
+            "bbits_tf": bbits_tf.__version__,
+            "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
+        },
+        "model_path": str(output_dir / "model"),
+        "tflite": exported,
+        "history": result.history,
+        "bit_width_history": result.bit_widths,
+    }
+    with open(output_dir / "results.json", "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    print(f"test accuracy {100 * result.test_accuracy:.2f}%, relative BOPs {result.profile.relative_bops:.3f}% "
+          f"(expected {result.profile.expected_relative_bops:.3f}%), {result.wall_time_s:.0f} s; "
+          f"results in {output_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
