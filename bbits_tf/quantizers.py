@@ -142,7 +142,11 @@ class BayesianBitsQuantizer(_Quantizer):
             inner = getattr(layer, "layer", None)
             if self.mask_bias and getattr(inner, "use_bias", False):
                 self._bias = inner.bias
-        layer.add_loss(lambda: weights["mu"] * self.regularization(weights))
+        @tf.autograph.experimental.do_not_convert
+        def loss():
+            return weights["mu"] * self.regularization(weights)
+
+        layer.add_loss(loss)
         return weights
 
     def _range(self, x, weights):

@@ -6,8 +6,7 @@
     python examples/mnist.py --epochs 1 --train-limit 2000 --output-dir /tmp/smoke   # CI smoke run
 
 Writes to ``--output-dir`` (default ``runs/mnist-<method>-<seed>``): ``results.json`` (accuracy, relative BOPs,
-per-layer bits and kept channels, wall time, settings, per-epoch history), the trained model (``model/``, a
-SavedModel: ``with bbits_tf.quantize_scope(): keras.models.load_model(path)``; baselines load in
+per-layer bits and kept channels, wall time, settings, per-epoch history), the trained model (``model.h5``: ``with bbits_tf.quantize_scope(): keras.models.load_model(path)``; baselines load in
 ``tfmot.quantization.keras.quantize_scope()``), and the plots ``bops_accuracy.png``, ``bit_widths.png``
 (Bayesian Bits methods) and ``layers.png``.
 """
@@ -43,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, help="weights learning rate (default: the recipe's)")
     parser.add_argument("--range-lr", type=float, help="quantization range learning rate (default: the recipe's)")
     parser.add_argument("--gate-lr", type=float, help="gate learning rate (default: the recipe's)")
+    parser.add_argument("--decay-groups", help="comma-separated groups whose learning rate follows the schedule "
+                        "(default: the recipe's, e.g. weights; weights,gates also settles the gates at the end)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (init, gates, shuffling)")
     parser.add_argument("--data-dir", help="folder with the 4 MNIST-format IDX files (default: the shipped MNIST)")
     parser.add_argument("--tfds", action="store_true", help="load MNIST through tensorflow_datasets instead")
@@ -65,7 +66,8 @@ def make_recipe(args):
         print(f"note: {warmup} warm-up epoch(s) do not fit in {epochs} epoch(s); warming up for {epochs - 1}")
         warmup = epochs - 1
     return training.get_recipe(recipe, epochs=epochs, warmup_epochs=warmup, mu=args.mu, batch_size=args.batch_size,
-                               lr_weights=args.lr, lr_ranges=args.range_lr, lr_gates=args.gate_lr)
+                               lr_weights=args.lr, lr_ranges=args.range_lr, lr_gates=args.gate_lr,
+                               decay_groups=tuple(args.decay_groups.split(",")) if args.decay_groups else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,6 +165,11 @@ def layer_rows(profile):
     ]
 
 
+def write_results(results, output_dir):
+    with open(output_dir / "results.json", "w") as f:
+        json.dump(results, f, indent=1, default=float)
+
+
 def main(argv=None):
     start = time.time()
     args = parse_args(argv)
@@ -179,13 +186,11 @@ def main(argv=None):
     print(bbits_tf.format_summary(result.profile))
     warmup = 0 if args.method == "float" else recipe.warmup_epochs
 
-    result.model.save(output_dir / "model", include_optimizer=False)
+    model_path = output_dir / "model.h5"
     plot_bops_accuracy(result.history, output_dir / "bops_accuracy.png", warmup)
     if result.bit_widths:
         plot_bit_widths(result.bit_widths, output_dir / "bit_widths.png", warmup)
     bbits_tf.plot_summary(result.profile, output_dir / "layers.png")
-    exported = export_tflite(result.model, output_dir, data) if args.export else None
-
     results = {
         "test_accuracy": result.test_accuracy,
         "relative_bops": result.profile.relative_bops,
@@ -209,13 +214,16 @@ def main(argv=None):
             "bbits_tf": bbits_tf.__version__,
             "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
         },
-        "model_path": str(output_dir / "model"),
-        "tflite": exported,
+        "model_path": str(model_path),
+        "tflite": None,
         "history": result.history,
         "bit_width_history": result.bit_widths,
     }
-    with open(output_dir / "results.json", "w") as f:
-        json.dump(results, f, indent=1, default=float)
+    write_results(results, output_dir)  # before anything that could fail can lose the run
+    result.model.save(model_path, include_optimizer=False)
+    if args.export:
+        results["tflite"] = export_tflite(result.model, output_dir, data)
+        write_results(results, output_dir)
     print(f"test accuracy {100 * result.test_accuracy:.2f}%, relative BOPs {result.profile.relative_bops:.3f}% "
           f"(expected {result.profile.expected_relative_bops:.3f}%), {result.wall_time_s:.0f} s; "
           f"results in {output_dir}")

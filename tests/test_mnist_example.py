@@ -58,6 +58,6 @@ def test_smoke_run_writes_plots_and_a_model_that_reloads(smoke_run):
     from bbits_tf._keras import keras
 
     with bbits_tf.quantize_scope():
-        model = keras.models.load_model(output_dir / "model", compile=False)
+        model = keras.models.load_model(output_dir / "model.h5", compile=False)
     results = json.loads((output_dir / "results.json").read_text())
     assert bbits_tf.summary(model).relative_bops == pytest.approx(results["relative_bops"])
