@@ -136,7 +136,7 @@ def check_model(model):
     if not isinstance(model, keras.Model):
         if module.startswith("keras") and hasattr(model, "layers"):
             raise ValueError(
-                "bbits_tf needs a tf_keras (Keras 2) model; this is a Keras 3 model (`tf.keras` on TF >= 2.16 "
+                "bbits_tf needs a tf_keras (Keras 2) model; this is a Keras 3 model (TensorFlow's own Keras on TF >= 2.16 "
                 "is Keras 3, which tfmot does not support). Build it with `import tf_keras as keras` or "
                 f"`from bbits_tf._keras import keras`. Received: model of type {module}.{type(model).__name__}"
             )

@@ -173,7 +173,7 @@ def test_bad_models_raise(make, match):
 
 
 def test_keras3_model_raises_with_advice():
-    import keras as keras3  # the Keras 3 that tf.keras is on TF 2.21; only to check the error message
+    import keras as keras3  # Keras 3 (what TensorFlow 2.21 bundles); only to check the error message
 
     model = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)])
     with pytest.raises(ValueError, match="Keras 3"):
