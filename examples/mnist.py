@@ -144,15 +144,14 @@ def plot_bit_widths(records, path, epoch_offset=0):
 
 
 def export_tflite(model, output_dir, data):
-    """HOOK: TFLite export (issue 4). The lead wires ``tflite_export`` in here; nothing is exported yet."""
-    try:
-        import tflite_export  # noqa: F401  (lazy: heavy, and optional)
-    except ImportError:
-        print("tflite export not available")
+    """TFLite export (``tflite_export``): ``model.tflite`` (int8 input/output), ``model_data.cc/.h``, verification."""
+    if not bbits_tf.bayesian_bits_quantizers(model):
+        print("tflite export skipped: tflite_export exports Bayesian Bits models (use --method bb or an ablation)")
         return None
-    # TODO(lead): build the per-layer plans from `model` and call tflite_export.export(...) here.
-    print("tflite export not available (hook in examples/mnist.py: export_tflite is not wired yet)")
-    return None
+    import tflite_export  # lazy: heavy, and only needed here
+
+    (x_train, _), (x_test, y_test) = data
+    return tflite_export.export_for_example(model, output_dir, x_test, y_test, x_train=x_train)
 
 
 def layer_rows(profile):

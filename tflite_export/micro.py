@@ -1,0 +1,107 @@
+"""Microcontrollers: the model as a C array, and a run in the TFLite Micro interpreter (from Python, on this CPU)."""
+import contextlib
+import os
+import re
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .verify import dequantize_output, quantize_input
+
+XXD_QUALIFIERS = ""  # what `xxd -i` writes: `unsigned char name[] = {...}; unsigned int name_len = N;`
+MCU_QUALIFIERS = "alignas(16) const"  # flash-resident and aligned as TFLM wants its model
+
+
+def c_identifier(name: str) -> str:
+    """The identifier ``xxd -i`` derives from a file name: every character outside [A-Za-z0-9] becomes '_'."""
+    ident = re.sub(r"[^A-Za-z0-9]", "_", name)
+    return "__" + ident if ident[:1].isdigit() else ident
+
+
+def to_c_array(tflite_bytes: bytes, name: str, *, qualifiers: str = MCU_QUALIFIERS) -> Tuple[str, str]:
+    """(C source, header) holding the model bytes, laid out as ``xxd -i`` lays them out (12 bytes a line).
+
+    Args:
+        tflite_bytes: the model.
+        name: array name (sanitized like xxd does); the length is ``<name>_len``.
+        qualifiers: prefix of both definitions. ``XXD_QUALIFIERS`` ("") reproduces ``xxd -i`` byte for byte;
+            the default ``MCU_QUALIFIERS`` keeps the array in flash and 16-byte aligned.
+    """
+    ident = c_identifier(name)
+    data = bytes(tflite_bytes)
+    lines = [", ".join(f"0x{b:02x}" for b in data[i:i + 12]) for i in range(0, len(data), 12)]
+    prefix = f"{qualifiers} " if qualifiers else ""
+    len_prefix = "const " if "const" in qualifiers.split() else ""
+    source = (f"{prefix}unsigned char {ident}[] = {{\n  " + ",\n  ".join(lines) + "\n};\n"
+              f"{len_prefix}unsigned int {ident}_len = {len(data)};\n")
+    guard = ident.upper() + "_H_"
+    const = "const " if "const" in qualifiers.split() else ""
+    header = (f"#ifndef {guard}\n#define {guard}\n\n"
+              f"extern {const}unsigned char {ident}[];\nextern {const}unsigned int {ident}_len;\n\n"
+              f"#endif  // {guard}\n")
+    return source, header
+
+
+def _runtime():
+    from tflite_micro.python.tflite_micro import runtime  # pylint: disable=import-outside-toplevel
+    return runtime
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """TFLM prints allocation failures to the C stderr; silence it while probing arena sizes."""
+    fd = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def tflm_interpreter(tflite_bytes: bytes, arena_size: Optional[int] = None):
+    """A TFLM interpreter (``arena_size`` None: the runtime's default, 10x the model size)."""
+    return _runtime().Interpreter.from_bytes(bytes(tflite_bytes), arena_size=arena_size)
+
+
+def tflm_arena_bytes(tflite_bytes: bytes, granularity: int = 64) -> int:
+    """The smallest tensor arena (to ``granularity`` bytes) in which TFLM allocates and invokes the model."""
+    def fits(size):
+        try:
+            interp = tflm_interpreter(tflite_bytes, size)
+            detail = interp.get_input_details(0)
+            interp.set_input(np.zeros(detail["shape"], detail["dtype"]), 0)
+            interp.invoke()
+            return True
+        except RuntimeError:
+            return False
+
+    with _quiet_stderr():
+        hi = max(4096, len(tflite_bytes))
+        while not fits(hi):
+            hi *= 2
+            if hi > 1 << 30:
+                raise RuntimeError("TFLM could not allocate the model in 1 GiB")
+        lo = 0
+        while hi - lo > granularity:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def run_tflm(tflite_bytes: bytes, x: np.ndarray, *, raw: bool = False, arena_size: Optional[int] = None):
+    """Outputs of the model in TFLite Micro, one sample at a time (TFLM has a fixed batch of 1).
+
+    Args:
+        raw: return the stored output (int8 for int8 io) instead of dequantized floats.
+    """
+    interp = tflm_interpreter(tflite_bytes, arena_size)
+    inp, out = interp.get_input_details(0), interp.get_output_details(0)
+    results = []
+    for sample in np.asarray(x):
+        interp.set_input(quantize_input(sample[None], inp).reshape(inp["shape"]), 0)
+        interp.invoke()
+        y = np.array(interp.get_output(0))
+        results.append(y if raw else dequantize_output(y, out))
+    return np.concatenate(results)
