@@ -1,6 +1,7 @@
 """Train-step time of LeNet5 at batch 128: float, tfmot default 8-bit QAT, and bbits_tf, in one process.
 
-Usage: python benchmarks/train_step.py [--steps 30] [--output benchmarks/results/train_step.json]
+Usage: python benchmarks/train_step.py [--steps 30] [--trained runs/fast-s1/model.h5]
+       [--output benchmarks/results/train_step.json]
 
 Each variant is compiled with Adam and sparse cross-entropy and trained on the same fixed MNIST batch; the
 median of ``--steps`` timed steps (after warm-up) is reported, plus ratios to the tfmot step. Variants run
@@ -34,13 +35,18 @@ def _compiled(model, jit=False):
     return model
 
 
-def variants():
+def variants(trained=None):
     tf.random.set_seed(0)
-    return {
+    runs = {
         "float": _compiled(models.lenet5()),
         "tfmot_8bit": _compiled(tfmot.quantization.keras.quantize_model(models.lenet5())),
         "bbits_tf": _compiled(bbits_tf.quantize_model(models.lenet5(), mu=0.1)),
     }
+    if trained:
+        # A trained model: most gates truncated, so fewer residual levels are computed per step.
+        with bbits_tf.quantize_scope():
+            runs["bbits_tf (trained)"] = _compiled(keras.models.load_model(trained, compile=False))
+    return runs
 
 
 def main(argv=None):
@@ -48,12 +54,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--trained", help="also time a trained bbits_tf model (.h5 from examples/mnist.py)")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json"))
     args = parser.parse_args(argv)
 
     (x, y), _ = data.load_mnist(train_limit=args.batch_size)
     x, y = tf.constant(x[: args.batch_size]), tf.constant(y[: args.batch_size])
-    runs = variants()
+    runs = variants(args.trained)
     bbits_tf.initialize_ranges(runs["bbits_tf"], x)  # as training.run does before fit
     times = {name: [] for name in runs}
     for model in runs.values():  # warm-up: trace, range initialisation, XLA compilation
@@ -80,7 +87,7 @@ def main(argv=None):
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
     for name, ms in median_ms.items():
-        print(f"{name:<16} {ms:8.1f} ms/step   x{result['ratio_to_tfmot_8bit'][name]:.2f} of tfmot 8-bit   "
+        print(f"{name:<20} {ms:8.1f} ms/step   x{result['ratio_to_tfmot_8bit'][name]:.2f} of tfmot 8-bit   "
               f"x{result['ratio_to_float'][name]:.2f} of float")
     print(f"wrote {args.output}")
     return result
