@@ -111,6 +111,8 @@ def plot_summary(profile, path=None):
         label="output activations",
     )
     ax_bits.set_yscale("log", base=2)
+    ax_bits.set_ylim(1, 48)  # bars start at 1 bit, so a 2-bit bar is visible
+    ax_bits.set_yticks([2, 4, 8, 16, 32], ["2", "4", "8", "16", "32"])
     ax_bits.set_xticks(list(x), names)
     ax_bits.set_ylabel("bits")
     ax_bits.set_title(f"bit widths ({profile.relative_bops:.3f}% relative BOPs)")

@@ -101,9 +101,9 @@ def plot_bops_accuracy(history, path, warmup_epochs=0):
     ax_bops.plot(epochs, [h.get("expected_relative_bops", math.nan) for h in history], "--", color="tab:blue",
                  alpha=0.6, label="expected relative BOPs")
     ax_bops.set_yscale("log")
-    plain = matplotlib_ticker().FuncFormatter(lambda value, _: f"{value:g}")
-    ax_bops.yaxis.set_major_formatter(plain)
-    ax_bops.yaxis.set_minor_formatter(plain)
+    ticker = matplotlib_ticker()
+    ax_bops.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax_bops.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax_bops.set_xlabel("epoch")
     ax_bops.set_ylabel("relative BOPs (% of FP32)", color="tab:blue")
     ax_acc = ax_bops.twinx()
@@ -112,7 +112,7 @@ def plot_bops_accuracy(history, path, warmup_epochs=0):
     ax_acc.set_ylabel("test accuracy (%)", color="tab:red")
     lines = ax_bops.get_legend_handles_labels()
     more = ax_acc.get_legend_handles_labels()
-    ax_bops.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+    ax_bops.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right", fontsize=8, framealpha=0.9)
     last = history[-1]
     ax_bops.set_title(f"final: {100 * last.get('test_accuracy', math.nan):.2f}% at "
                       f"{last.get('relative_bops', math.nan):.3f}% relative BOPs")

@@ -45,6 +45,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--output", default="results/mnist/summary.json")
+    parser.add_argument("--plots", help="redraw this run's plots from its results.json next to --output")
     args = parser.parse_args(argv)
     runs = load_runs(args.runs)
     lines = ["| run | method | test acc. % | rel. BOPs % | epochs | wall min | weight bits | act. bits | kept channels "
@@ -62,6 +63,33 @@ def main(argv=None):
                for name, r in runs.items()}
     with open(args.output, "w") as f:
         json.dump({"runs": summary, "fast_recipe_seeds": stats}, f, indent=1)
+    if args.plots:
+        redraw(runs[args.plots], Path(args.output).parent)
+
+
+def redraw(results, folder):
+    """The example's plots of one run, from its results.json (no model needed)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import mnist  # examples/mnist.py
+
+    import bbits_tf
+    from bbits_tf.summary import LayerProfile, ModelProfile
+
+    mnist.plot_bops_accuracy(results["history"], folder / "bops_accuracy.png", results["warmup_epochs"])
+    if results.get("bit_width_history"):
+        mnist.plot_bit_widths(results["bit_width_history"], folder / "bit_widths.png", results["warmup_epochs"])
+    layers = [LayerProfile(name=r["name"], layer_type=r["type"], weight_bits=r["weight_bits"],
+                           input_bits=r["input_bits"], output_bits=r["activation_bits"],
+                           kept_channels=r["kept_channels"], total_channels=r["total_channels"],
+                           kept_inputs=r["kept_inputs"], total_inputs=r["total_inputs"], macs=r["macs"],
+                           bops=r["bops"], expected_weight_bits=r["expected_weight_bits"],
+                           expected_output_bits=r["expected_activation_bits"]) for r in results["layers"]]
+    profile = ModelProfile(layers=layers, total_macs=results["total_macs"], bops=sum(r.bops for r in layers),
+                           fp32_bops=results["total_macs"] * 1024.0, relative_bops=results["relative_bops"],
+                           expected_relative_bops=results["expected_relative_bops"])
+    bbits_tf.plot_summary(profile, folder / "layers.png")
 
 
 if __name__ == "__main__":
