@@ -1,0 +1,194 @@
+"""BOP-budget targeting: a callback that adapts ``mu`` during training to end near a relative-BOP budget."""
+import math
+
+from bbits_tf._keras import keras
+from bbits_tf.bops import relative_bops as _relative_bops
+from bbits_tf.quantize import bayesian_bits_quantizers, get_mu, set_mu
+
+
+
+class BopsBudget(keras.callbacks.Callback):
+    """Adapts ``mu`` during training so that the model ends near ``target_relative_bops``.
+
+    Every ``every_n_steps`` training steps it measures the relative BOPs (``signal``: ``"expected"``, from the
+    gate probabilities; ``"deterministic"``, the test-time gates; or ``"projected"``, the test-time BOPs the gates
+    reach in ``horizon_steps`` steps if every ``log_alpha`` keeps its recent velocity) and, with the error
+    ``e = log(bops / setpoint)`` and the sum ``I`` of the errors, sets::
+
+        log(mu) = log(mu_0) + kp * e + ki * I,   clipped to [log(mu_min), log(mu_max)]
+
+    a PI controller on log mu. The setpoint falls geometrically from the BOPs at the start to the target over the
+    first ``ramp_fraction`` of the training steps (of each ``fit``), then stays at the target. The sum only takes
+    errors within ``integral_band`` of the setpoint, and not while ``|e|`` is shrinking by more than
+    ``shrink_tolerance`` per update, nor while ``mu`` is at a bound. After the ramp, the first time the test-time
+    BOPs are within ``freeze_band`` of the target, the gates are frozen (their learning rate set to 0) for the
+    rest of the training, as in the paper's final fine-tuning with fixed gates.
+
+    Why: the gates move by about their learning rate per step whatever ``mu`` is (Adam), so ``mu`` mostly sets
+    where they settle, not how fast they get there; they all start at the same ``log_alpha``, cross the threshold
+    together, and the BOPs fall off a cliff whose landing point is set by ``mu`` at that moment. An integral that
+    summed the large errors of the descent would wind up and overshoot, and undershooting is nearly irreversible
+    (bit gates below the truncation point never come back; once the accuracy has recovered the task loss has
+    little reason to reopen a gate). Models without Bayesian Bits quantizers (a float warm-up phase) are left
+    alone.
+
+    Args:
+        target_relative_bops: the budget, percent of FP32 BOPs (as ``bbits_tf.relative_bops``).
+        signal: ``"expected"``, ``"deterministic"`` or ``"projected"``.
+        every_n_steps: steps between updates.
+        kp, ki: gains on the log error and on its sum.
+        integral_band: the sum only takes errors with ``|e| < integral_band``.
+        shrink_tolerance: ``|e|`` falling by more than this between updates counts as shrinking.
+        ramp_fraction: fraction of the training steps over which the setpoint falls to the target (0: none).
+        freeze_band: relative distance to the target within which the gates are frozen after the ramp
+            (``None``: never freeze).
+        mu_min, mu_max: bounds of ``mu``.
+        initial_mu: ``mu_0``; ``None``: the model's ``mu`` when training starts.
+        horizon_steps: look-ahead of ``"projected"``, in training steps.
+        print_fn: where a line per epoch goes (``None``: nowhere).
+
+    Attributes:
+        history: ``[{"step", "epoch", "relative_bops", "expected_relative_bops", "projected_relative_bops",
+            "setpoint", "mu"}]``, one per update.
+        frozen_at_step: the step at which the gates were frozen, or ``None``.
+    """
+
+    def __init__(self, target_relative_bops, signal="expected", every_n_steps=5, kp=0.5, ki=0.05,
+                 integral_band=math.log(2.0), shrink_tolerance=0.01, ramp_fraction=0.5, freeze_band=0.05,
+                 mu_min=1e-4, mu_max=10.0, initial_mu=None, horizon_steps=50, print_fn=None):
+        super().__init__()
+        if not target_relative_bops > 0:
+            raise ValueError(f"`target_relative_bops` must be > 0. Received: {target_relative_bops!r}")
+        if signal not in ("expected", "deterministic", "projected"):
+            raise ValueError(
+                f"`signal` must be 'expected', 'deterministic' or 'projected'. Received: signal={signal!r}")
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be a positive int. Received: every_n_steps={every_n_steps!r}")
+        if not 0 <= ramp_fraction <= 1:
+            raise ValueError(f"`ramp_fraction` must be in [0, 1]. Received: ramp_fraction={ramp_fraction!r}")
+        if freeze_band is not None and not freeze_band > 0:
+            raise ValueError(f"`freeze_band` must be > 0 or None. Received: freeze_band={freeze_band!r}")
+        if not 0 < mu_min <= mu_max:
+            raise ValueError(f"Need 0 < mu_min <= mu_max. Received: mu_min={mu_min}, mu_max={mu_max}")
+        self.target_relative_bops, self.signal, self.every_n_steps = float(target_relative_bops), signal, every_n_steps
+        self.kp, self.ki, self.integral_band = float(kp), float(ki), float(integral_band)
+        self.shrink_tolerance, self.ramp_fraction = float(shrink_tolerance), float(ramp_fraction)
+        self.freeze_band = freeze_band
+        self.mu_min, self.mu_max, self.initial_mu = float(mu_min), float(mu_max), initial_mu
+        self.horizon_steps, self.print_fn = horizon_steps, print_fn
+        self.history, self.frozen_at_step = [], None
+        self._active, self._integral, self._step, self._epoch, self._log_mu0 = False, 0.0, 0, 0, None
+        self._start_bops, self._fit_start, self._ramp_steps, self._last_error = None, 0, 0, None
+        self._gates, self._last_gates, self._velocity = [], None, None
+
+    def get_config(self):
+        keys = ("target_relative_bops", "signal", "every_n_steps", "kp", "ki", "integral_band", "shrink_tolerance",
+                "ramp_fraction", "freeze_band", "mu_min", "mu_max", "initial_mu", "horizon_steps")
+        return {key: getattr(self, key) for key in keys}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def on_train_begin(self, logs=None):
+        self._active = bool(bayesian_bits_quantizers(self.model))
+        if not self._active:
+            return
+        if self._log_mu0 is None:
+            mu0 = self.initial_mu if self.initial_mu is not None else get_mu(self.model)
+            self._log_mu0 = math.log(min(max(mu0, self.mu_min), self.mu_max))
+            set_mu(self.model, math.exp(self._log_mu0))
+        self._start_bops, self._fit_start, self._last_error = None, self._step, None
+        self._gates = [v[k] for _, _, _, v in bayesian_bits_quantizers(self.model)
+                       for k in ("log_alpha", "log_alpha_2") if k in v]
+        self._last_gates, self._velocity = None, None
+        self._ramp_steps = self.ramp_fraction * (self.params.get("steps") or 0) * (self.params.get("epochs") or 0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def _ramp_done(self):
+        return (self._step - self._fit_start) / self._ramp_steps if self._ramp_steps else 1.0
+
+    def setpoint(self, measured):
+        """The relative BOPs the controller aims at now (``measured``: the BOPs now, kept at the first call)."""
+        if self._start_bops is None:
+            self._start_bops = max(measured, self.target_relative_bops)
+        ratio = self._start_bops / self.target_relative_bops
+        return self.target_relative_bops * ratio ** max(0.0, 1.0 - self._ramp_done())
+
+    def projected_bops(self):
+        """Test-time relative BOPs after ``horizon_steps`` more steps at the gates' recent velocity."""
+        now = [v.numpy() for v in self._gates]
+        if self._last_gates is not None:
+            velocity = [(a - b) / self.every_n_steps for a, b in zip(now, self._last_gates)]
+            self._velocity = velocity if self._velocity is None else [
+                0.5 * (a + b) for a, b in zip(velocity, self._velocity)]
+        self._last_gates = now
+        if self._velocity is None:
+            return _relative_bops(self.model)
+        try:
+            for var, value, speed in zip(self._gates, now, self._velocity):
+                var.assign(value + self.horizon_steps * speed)
+            return _relative_bops(self.model)
+        finally:
+            for var, value in zip(self._gates, now):
+                var.assign(value)
+
+    def freeze_gates(self):
+        """Sets the gates' learning rate to 0 (a ``GroupedOptimizer`` is needed); returns whether it did."""
+        optimizer = getattr(self.model, "optimizer", None)
+        gates = getattr(optimizer, "optimizers", {}).get("gates") if optimizer is not None else None
+        if gates is None:
+            return False
+        try:
+            gates.learning_rate = 0.0
+        except (TypeError, ValueError):
+            return False
+        self.frozen_at_step = self._step
+        return True
+
+    def update(self):
+        """Measures the BOPs and sets ``mu`` once (or freezes the gates); returns the new ``mu``."""
+        projected = self.projected_bops() if self.signal == "projected" else None
+        exact = _relative_bops(self.model)
+        expected = _relative_bops(self.model, expected=True)
+        measured = {"projected": projected, "expected": expected, "deterministic": exact}[self.signal]
+        setpoint = self.setpoint(measured)
+        error = math.log(max(measured, 1e-12) / setpoint)
+        shrinking = self._last_error is not None and abs(error) < abs(self._last_error) - self.shrink_tolerance
+        self._last_error = error
+        integral = self._integral + (error if abs(error) < self.integral_band and not shrinking else 0.0)
+        lo, hi = math.log(self.mu_min), math.log(self.mu_max)
+        log_mu = self._log_mu0 + self.kp * error + self.ki * integral
+        if lo <= log_mu <= hi:
+            self._integral = integral  # conditional integration: no wind-up at the bounds
+        else:
+            log_mu = min(max(self._log_mu0 + self.kp * error + self.ki * self._integral, lo), hi)
+        mu = math.exp(log_mu)
+        set_mu(self.model, mu)
+        self.history.append({"step": self._step, "epoch": self._epoch, "relative_bops": exact,
+                             "expected_relative_bops": expected, "projected_relative_bops": projected,
+                             "setpoint": setpoint, "mu": mu})
+        if (self.freeze_band is not None and self._ramp_done() >= 1.0
+                and abs(exact / self.target_relative_bops - 1.0) <= self.freeze_band):
+            self.freeze_gates()
+        return mu
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self._active and self.frozen_at_step is None and self._step % self.every_n_steps == 0:
+            self.update()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._active:
+            return
+        mu = get_mu(self.model)
+        if logs is not None:
+            logs["mu"] = mu
+        if self.print_fn is not None and self.history:
+            last = self.history[-1]
+            frozen = f", gates frozen at step {self.frozen_at_step}" if self.frozen_at_step is not None else ""
+            self.print_fn(f"BopsBudget: epoch {epoch + 1}: mu {mu:.4g}, relative BOPs {last['relative_bops']:.3f}% "
+                          f"(expected {last['expected_relative_bops']:.3f}%), target {self.target_relative_bops}%"
+                          f"{frozen}")
