@@ -242,18 +242,8 @@ def run_litert_any_batch(tflite_bytes: bytes, x: np.ndarray, **kwargs) -> np.nda
 
 
 def _verify(tflite_bytes, qmodel, x, y) -> VerifyReport:
-    if not _static_batch(tflite_bytes):
-        return verify(tflite_bytes, qmodel, x, y)
-    t = run_litert_any_batch(tflite_bytes, x).reshape(len(x), -1)
-    k = np.asarray(qmodel.predict(x, verbose=0, batch_size=_PREDICT_BATCH)).reshape(len(x), -1)
-    labels = None if y is None else (np.argmax(y, -1) if np.ndim(y) > 1 else np.asarray(y).reshape(-1))
-    diff = float(np.abs(t - k).max()) if len(x) else 0.0
-    scale = output_scale(tflite_bytes)
-    return VerifyReport(
-        n=len(x), top1_agreement=float(np.mean(t.argmax(-1) == k.argmax(-1))),
-        accuracy_tflite=None if labels is None else float(np.mean(t.argmax(-1) == labels)),
-        accuracy_keras=None if labels is None else float(np.mean(k.argmax(-1) == labels)),
-        max_abs_diff=diff, max_lsb_diff=None if scale is None else diff / scale)
+    run = run_litert_any_batch if _static_batch(tflite_bytes) else None
+    return verify(tflite_bytes, qmodel, x, y, run=run)
 
 
 def _bias_tensors(tflite_bytes: bytes, names) -> Dict[str, Optional[flatbuffer.TensorInfo]]:

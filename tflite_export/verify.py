@@ -98,9 +98,13 @@ def output_scale(tflite_bytes: bytes) -> Optional[float]:
     return None
 
 
-def verify(tflite_bytes: bytes, keras_model, x: np.ndarray, y: Optional[np.ndarray] = None) -> VerifyReport:
-    """Compare the .tflite model with Keras inference on ``x`` (labels ``y`` optional, integer or one-hot)."""
-    t = run_litert(tflite_bytes, x).reshape(len(x), -1)
+def verify(tflite_bytes: bytes, keras_model, x: np.ndarray, y: Optional[np.ndarray] = None, *,
+           run=None) -> VerifyReport:
+    """Compare the .tflite model with Keras inference on ``x`` (labels ``y`` optional, integer or one-hot).
+
+    ``run(tflite_bytes, x)`` runs the file (default ``run_litert``; e.g. one input at a time for a batch-1 file).
+    """
+    t = (run or run_litert)(tflite_bytes, x).reshape(len(x), -1)
     k = np.asarray(keras_model.predict(x, verbose=0, batch_size=_CHUNK)).reshape(len(x), -1)
     labels = None if y is None else (np.argmax(y, -1) if np.ndim(y) > 1 else np.asarray(y).reshape(-1))
     diff = float(np.abs(t - k).max()) if len(x) else 0.0
