@@ -3,18 +3,9 @@
 The optimizer and schedule live in ``bbits_tf.optimizers``, the callbacks in ``bbits_tf.callbacks``; both are
 re-exported here.
 
-The paper trains three parameter groups (weights, quantization ranges, gates) with one Adam each, and decays the
-weights' learning rate linearly over the last third of training, stepping once per epoch (spec 7.1)::
-
-    groups = bbits_tf.variable_groups(qmodel)
-    optimizer = GroupedOptimizer({"weights": keras.optimizers.Adam(ConstantThenLinearDecay(1e-3, 100, 469)),
-                                  "ranges": keras.optimizers.Adam(1e-3), "gates": keras.optimizers.Adam(1e-3)},
-                                 groups=groups)
-    qmodel.compile(optimizer, loss, metrics=["accuracy"])
-    qmodel.fit(train, validation_data=test, callbacks=[BopsLogger(), BayesianBitsSummaries("logs")])
-
-``run`` does all of it from a float model and a ``Recipe`` (``RECIPES["paper"]``, ``RECIPES["fast"]``), for
-Bayesian Bits, its ablations and the fixed-bit baselines (``METHODS``).
+``run`` does everything from a float model and a ``Recipe`` (``RECIPES["paper"]``, ``RECIPES["fast"]``), for
+Bayesian Bits, its ablations and the fixed-bit baselines (``METHODS``); ``bbits_tf.optimizers`` shows the paper's
+three optimizers in a plain ``compile``/``fit``.
 """
 import dataclasses
 import math

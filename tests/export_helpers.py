@@ -20,11 +20,16 @@ def lenet_tiny(seed=0, sequential=True):
         for layer in layers:
             x = layer(x)
         model = keras.Model(inp, x, name="lenet_tiny")
+    return random_biases(model, seed, std=0.05)
+
+
+def random_biases(model, seed=0, std=0.05):
+    """Non-zero biases, so that a pruned channel's constant output (act(bias)) matters in the tests."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if layer.get_weights():
             kernel, bias = layer.get_weights()
-            layer.set_weights([kernel, rng.normal(0, 0.05, bias.shape).astype(np.float32)])
+            layer.set_weights([kernel, rng.normal(0, std, bias.shape).astype(np.float32)])
     return model
 
 

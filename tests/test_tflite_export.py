@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from bbits_tf._keras import keras
 import tflite_export as te
-from export_helpers import images, lenet_tiny  # tests/ is on sys.path (pytest rootdir-relative import)
+from export_helpers import images, lenet_tiny, random_biases  # tests/ is on sys.path (pytest rootdir-relative import)
 
 L = keras.layers
 N_EVAL = 48
@@ -30,13 +30,7 @@ def branch_model(seed=0):
     x = L.MaxPooling2D(name="pool")(x)
     x = L.Flatten(name="flat")(x)
     out = L.Dense(10, name="d")(x)
-    model = keras.Model(inp, out)
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if layer.get_weights():
-            kernel, bias = layer.get_weights()
-            layer.set_weights([kernel, rng.normal(0, 0.1, bias.shape).astype(np.float32)])
-    return model
+    return random_biases(keras.Model(inp, out), seed, std=0.1)
 
 
 def random_masks(model, names, seed=0, keep=0.65):
