@@ -27,6 +27,7 @@ import tensorflow as tf  # noqa: E402
 import bbits_tf  # noqa: E402
 from bbits_tf import data as data_lib  # noqa: E402
 from bbits_tf import models, training  # noqa: E402
+from bbits_tf._keras import keras  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                         help="export the trained model to TFLite (when tflite_export provides it)")
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1, help="Keras fit verbosity")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for TensorFlow's ops (default: all; 1 lets runs share a machine side by side)")
     return parser.parse_args(argv)
 
 
@@ -68,6 +71,23 @@ def make_recipe(args):
     return training.get_recipe(recipe, epochs=epochs, warmup_epochs=warmup, mu=args.mu, batch_size=args.batch_size,
                                lr_weights=args.lr, lr_ranges=args.range_lr, lr_gates=args.gate_lr,
                                decay_groups=tuple(args.decay_groups.split(",")) if args.decay_groups else None)
+
+
+class ProgressWriter(keras.callbacks.Callback):
+    """Rewrites ``progress.json`` after every epoch (both phases), so a long or interrupted run keeps its numbers."""
+
+    def __init__(self, path, settings):
+        super().__init__()
+        self.path, self.settings, self.epochs = Path(path), settings, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        entry = {"epoch": len(self.epochs) + 1}
+        entry.update({k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+        self.epochs.append(entry)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "completed_epochs": len(self.epochs),
+                                   "epochs": self.epochs}, indent=1))
+        tmp.replace(self.path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,6 +192,9 @@ def write_results(results, output_dir):
 def main(argv=None):
     start = time.time()
     args = parse_args(argv)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     recipe = make_recipe(args)
     output_dir = Path(args.output_dir or f"runs/mnist-{args.method}-{args.seed}")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -180,8 +203,10 @@ def main(argv=None):
     print(f"MNIST: {len(x_train)} training, {len(x_test)} test images; method {args.method}; recipe {args.recipe}: "
           f"{recipe}")
 
+    progress = ProgressWriter(output_dir / "progress.json",
+                              {"args": vars(args), "recipe": recipe.to_dict(), "total_epochs": recipe.epochs})
     result = training.run(models.lenet5, recipe, data, method=args.method, seed=args.seed, verbose=args.verbose,
-                          log_dir=args.log_dir, bit_width_every=args.bit_width_every or None)
+                          log_dir=args.log_dir, bit_width_every=args.bit_width_every or None, callbacks=[progress])
     print(bbits_tf.format_summary(result.profile))
     warmup = 0 if args.method == "float" else recipe.warmup_epochs
 
