@@ -1,6 +1,10 @@
 """BOP-budget targeting: a callback that adapts ``mu`` during training to end near a relative-BOP budget."""
 import math
+import warnings
 
+import numpy as np
+
+from bbits_tf import gates as gates_lib
 from bbits_tf._keras import keras
 from bbits_tf.bops import relative_bops as _relative_bops
 from bbits_tf.quantize import bayesian_bits_quantizers, get_mu, set_mu
@@ -24,6 +28,13 @@ class BopsBudget(keras.callbacks.Callback):
     BOPs are within ``freeze_band`` of the target, the gates are frozen (their learning rate set to 0) for the
     rest of the training, as in the paper's final fine-tuning with fixed gates.
 
+    The landing guard (``guard=True``) handles what the controller cannot: when an update finds the test-time BOPs
+    below ``target * (1 - band)`` (``band``: ``freeze_band``, or 0.05), the gates that were switched off since the
+    last update at or above that line are switched back on (their ``log_alpha`` restored to that update's value),
+    the ones closest to their threshold first and only as many as it takes to get back to the line; then the gates
+    are frozen. Without it the landing point moves in jumps with ``mu`` (all gates of a kind cross the threshold
+    within a few steps), and a target between two jumps is missed by 30-50 %.
+
     Why: the gates move by about their learning rate per step whatever ``mu`` is (Adam), so ``mu`` mostly sets
     where they settle, not how fast they get there; they all start at the same ``log_alpha``, cross the threshold
     together, and the BOPs fall off a cliff whose landing point is set by ``mu`` at that moment. An integral that
@@ -46,16 +57,18 @@ class BopsBudget(keras.callbacks.Callback):
         initial_mu: ``mu_0``; ``None``: the model's ``mu`` when training starts.
         horizon_steps: look-ahead of ``"projected"``, in training steps.
         print_fn: where a line per epoch goes (``None``: nowhere).
+        guard: undo an undershoot below the band and freeze the gates there (needs a ``GroupedOptimizer``).
 
     Attributes:
         history: ``[{"step", "epoch", "relative_bops", "expected_relative_bops", "projected_relative_bops",
-            "setpoint", "mu"}]``, one per update.
+            "setpoint", "mu", "restored_gates"}]``, one per update.
         frozen_at_step: the step at which the gates were frozen, or ``None``.
+        restored_gates: how many gate elements the landing guard switched back on (0: it never acted).
     """
 
     def __init__(self, target_relative_bops, signal="expected", every_n_steps=5, kp=0.5, ki=0.05,
                  integral_band=math.log(2.0), shrink_tolerance=0.01, ramp_fraction=0.5, freeze_band=0.05,
-                 mu_min=1e-4, mu_max=10.0, initial_mu=None, horizon_steps=50, print_fn=None):
+                 mu_min=1e-4, mu_max=10.0, initial_mu=None, horizon_steps=50, print_fn=None, guard=True):
         super().__init__()
         if not target_relative_bops > 0:
             raise ValueError(f"`target_relative_bops` must be > 0. Received: {target_relative_bops!r}")
@@ -75,15 +88,16 @@ class BopsBudget(keras.callbacks.Callback):
         self.shrink_tolerance, self.ramp_fraction = float(shrink_tolerance), float(ramp_fraction)
         self.freeze_band = freeze_band
         self.mu_min, self.mu_max, self.initial_mu = float(mu_min), float(mu_max), initial_mu
-        self.horizon_steps, self.print_fn = horizon_steps, print_fn
-        self.history, self.frozen_at_step = [], None
+        self.horizon_steps, self.print_fn, self.guard = horizon_steps, print_fn, bool(guard)
+        self.history, self.frozen_at_step, self.restored_gates = [], None, 0
+        self._snapshot, self._thresholds = None, []
         self._active, self._integral, self._step, self._epoch, self._log_mu0 = False, 0.0, 0, 0, None
         self._start_bops, self._fit_start, self._ramp_steps, self._last_error = None, 0, 0, None
         self._gates, self._last_gates, self._velocity = [], None, None
 
     def get_config(self):
         keys = ("target_relative_bops", "signal", "every_n_steps", "kp", "ki", "integral_band", "shrink_tolerance",
-                "ramp_fraction", "freeze_band", "mu_min", "mu_max", "initial_mu", "horizon_steps")
+                "ramp_fraction", "freeze_band", "mu_min", "mu_max", "initial_mu", "horizon_steps", "guard")
         return {key: getattr(self, key) for key in keys}
 
     @classmethod
@@ -99,9 +113,11 @@ class BopsBudget(keras.callbacks.Callback):
             self._log_mu0 = math.log(min(max(mu0, self.mu_min), self.mu_max))
             set_mu(self.model, math.exp(self._log_mu0))
         self._start_bops, self._fit_start, self._last_error = None, self._step, None
-        self._gates = [v[k] for _, _, _, v in bayesian_bits_quantizers(self.model)
-                       for k in ("log_alpha", "log_alpha_2") if k in v]
-        self._last_gates, self._velocity = None, None
+        pairs = [(v[k], gates_lib.get_gate_kind(q.gate).log_alpha_threshold)
+                 for _, _, q, v in bayesian_bits_quantizers(self.model) for k in ("log_alpha", "log_alpha_2") if k in v]
+        self._gates = [g for g, _ in pairs]
+        self._thresholds = [t for _, t in pairs]
+        self._last_gates, self._velocity, self._snapshot = None, None, None
         self._ramp_steps = self.ramp_fraction * (self.params.get("steps") or 0) * (self.params.get("epochs") or 0)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -148,10 +164,59 @@ class BopsBudget(keras.callbacks.Callback):
         self.frozen_at_step = self._step
         return True
 
+    @property
+    def band(self):
+        """Relative half-width of the band around the target (``freeze_band``, or 0.05)."""
+        return self.freeze_band if self.freeze_band is not None else 0.05
+
+    def restore_to(self, floor):
+        """Switches gates closed since the last snapshot back on until the test-time BOPs are >= ``floor``.
+
+        Candidates are the gate elements on in the snapshot and off now; they are restored closest-to-threshold
+        first, and a binary search finds the fewest that reach ``floor`` (BOPs only grow as gates open). Returns
+        the test-time relative BOPs after the restore.
+        """
+        now = [v.numpy() for v in self._gates]
+        candidates = []
+        for i, (snap, cur, threshold) in enumerate(zip(self._snapshot, now, self._thresholds)):
+            for index in zip(*np.nonzero((snap > threshold) & (cur <= threshold))):
+                candidates.append((float(cur[index]), i, index))
+        candidates.sort(key=lambda c: -c[0])
+
+        def apply(k):
+            values = [c.copy() for c in now]
+            for _, i, index in candidates[:k]:
+                values[i][index] = self._snapshot[i][index]
+            for var, value in zip(self._gates, values):
+                var.assign(value)
+            return _relative_bops(self.model)
+
+        lo, hi = 0, len(candidates)
+        while lo < hi:  # the smallest k with bops(k) >= floor (bops(len) >= floor: it is the snapshot's state)
+            mid = (lo + hi) // 2
+            if apply(mid) >= floor:
+                hi = mid
+            else:
+                lo = mid + 1
+        self.restored_gates += lo
+        return apply(lo)
+
     def update(self):
         """Measures the BOPs and sets ``mu`` once (or freezes the gates); returns the new ``mu``."""
         projected = self.projected_bops() if self.signal == "projected" else None
         exact = _relative_bops(self.model)
+        restored = 0
+        floor = self.target_relative_bops * (1.0 - self.band)
+        if self.guard and exact >= floor:
+            self._snapshot = [v.numpy() for v in self._gates]
+        elif self.guard and self._snapshot is not None:
+            before = self.restored_gates
+            exact = self.restore_to(floor)
+            restored = self.restored_gates - before
+            if not self.freeze_gates():
+                warnings.warn("BopsBudget: the landing guard restored gates but cannot freeze them (the model's "
+                              "optimizer is not a GroupedOptimizer); they will keep moving.", stacklevel=2)
+            self._snapshot = None
         expected = _relative_bops(self.model, expected=True)
         measured = {"projected": projected, "expected": expected, "deterministic": exact}[self.signal]
         setpoint = self.setpoint(measured)
@@ -169,7 +234,7 @@ class BopsBudget(keras.callbacks.Callback):
         set_mu(self.model, mu)
         self.history.append({"step": self._step, "epoch": self._epoch, "relative_bops": exact,
                              "expected_relative_bops": expected, "projected_relative_bops": projected,
-                             "setpoint": setpoint, "mu": mu})
+                             "setpoint": setpoint, "mu": mu, "restored_gates": restored})
         if (self.freeze_band is not None and self._ramp_done() >= 1.0
                 and abs(exact / self.target_relative_bops - 1.0) <= self.freeze_band):
             self.freeze_gates()

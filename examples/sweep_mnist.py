@@ -1,7 +1,7 @@
 """Sweep mu on MNIST / LeNet5 with Keras Tuner: every trial, the Pareto front, and one run to a BOP budget.
 
     python examples/sweep_mnist.py                       # small default: 6 trials, 2 epochs, 10k training images
-    python examples/sweep_mnist.py --budget 0.5          # also one BopsBudget run to 0.5 % relative BOPs
+    python examples/sweep_mnist.py --budget 0.5 1.0      # also one BopsBudget run to each relative BOPs (%)
     python examples/sweep_mnist.py --trials 12 --epochs 15 --warmup-epochs 1 --train-limit 55000 \\
         --batch-size 128 --gate-lr 1e-2 --directory runs/sweep-full  # full-size sweep (the "fast" recipe)
 
@@ -13,7 +13,7 @@ with ``KERASTUNER_TUNER_ID=worker0``, ``worker1``..., all with ``KERASTUNER_ORAC
 Writes to ``--directory`` (default ``runs/sweep``): the Keras Tuner project ``<project>/trial_*/`` (``trial.json``,
 ``result.json``, ``model.h5``), ``trials.json`` (all trials), ``pareto.json`` (the front, on test accuracy),
 ``pareto.png`` (with the fixed-bit baselines from ``runs/*/results.json`` when present) and, with ``--budget``,
-``budget_run/`` and ``budget.json`` (the budget run against the sweep: accuracy at the same BOPs, compute).
+``budget_<target>/`` and ``budget.json`` (each budget run against the sweep: accuracy at the same BOPs, compute).
 """
 import argparse
 import json
@@ -63,7 +63,10 @@ def parse_args(argv=None):
     parser.add_argument("--directory", default="runs/sweep", help="output folder")
     parser.add_argument("--project-name", default="mnist_mu", help="Keras Tuner project name")
     parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
-    parser.add_argument("--budget", type=float, help="also train once with BopsBudget to this relative BOPs (%%)")
+    parser.add_argument("--budget", type=float, nargs="+",
+                        help="also train once with BopsBudget to each of these relative BOPs (%%)")
+    parser.add_argument("--budget-guard", action=argparse.BooleanOptionalAction, default=True,
+                        help="BopsBudget: undo an undershoot of the target and freeze the gates there")
     parser.add_argument("--budget-every", type=int, default=5, help="BopsBudget: steps between mu updates")
     parser.add_argument("--budget-signal", choices=("expected", "deterministic", "projected"), default="expected",
                         help="BopsBudget: which relative BOPs the controller follows")
@@ -129,15 +132,16 @@ def interpolate_front(front, relative_bops, key="test_accuracy"):
     return pts[0][1] if len(pts) == 1 and math.isclose(pts[0][0], relative_bops) else None
 
 
-def budget_run(args, recipe, build_model, train, val, test, rows, front, output):
-    """One training run with ``BopsBudget``, and its comparison with the sweep."""
-    run_dir = output / "budget_run"
+def budget_run(args, target, recipe, build_model, train, val, test, rows, front, output):
+    """One training run with ``BopsBudget`` to ``target``, and its comparison with the sweep."""
+    run_dir = output / f"budget_{target:g}"
     run_dir.mkdir(parents=True, exist_ok=True)
     keras.backend.clear_session()
-    controller = tuning.BopsBudget(args.budget, signal=args.budget_signal, every_n_steps=args.budget_every,
+    controller = tuning.BopsBudget(target, signal=args.budget_signal, every_n_steps=args.budget_every,
                                    horizon_steps=args.budget_horizon, kp=args.budget_gains[0],
                                    ki=args.budget_gains[1], initial_mu=args.budget_initial_mu,
-                                   freeze_band=args.budget_freeze_band or None, print_fn=print)
+                                   freeze_band=args.budget_freeze_band or None, guard=args.budget_guard,
+                                   print_fn=print)
     previous = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else {}
     same = (previous.get("controller") == json.loads(json.dumps(controller.get_config()))
             and previous.get("recipe") == json.loads(json.dumps(recipe.to_dict())))
@@ -148,16 +152,16 @@ def budget_run(args, recipe, build_model, train, val, test, rows, front, output)
         result = training.run(build_model, recipe, (train, val), seed=args.seed, verbose=args.verbose,
                               print_fn=print if args.verbose else None, callbacks=[controller])
         test_accuracy = result.model.evaluate(*test, batch_size=1000, verbose=0, return_dict=True)["accuracy"]
-        record = {"target_relative_bops": args.budget, "val_accuracy": result.test_accuracy,
+        record = {"target_relative_bops": target, "val_accuracy": result.test_accuracy,
                   "test_accuracy": float(test_accuracy), "relative_bops": result.profile.relative_bops,
                   "expected_relative_bops": result.profile.expected_relative_bops,
                   "wall_time_s": result.wall_time_s, "final_mu": bbits_tf.get_mu(result.model),
                   "gates_frozen_at_step": controller.frozen_at_step,
-                  "controller": controller.get_config(), "recipe": recipe.to_dict(),
+                  "restored_gates": controller.restored_gates, "controller": controller.get_config(), "recipe": recipe.to_dict(),
                   "controller_history": controller.history, "history": result.history}
         tuning.save_h5(result.model, run_dir / "model.h5")
         tuning.write_json(run_dir / "result.json", record)
-    bops, target = record["relative_bops"], args.budget
+    bops = record["relative_bops"]
     done = [r for r in rows if r["test_accuracy"] is not None]
     sweep_time = sum(r["wall_time_s"] for r in done)
     near = min(done, key=lambda r: abs(math.log(r["relative_bops"] / bops))) if done else None
@@ -167,7 +171,7 @@ def budget_run(args, recipe, build_model, train, val, test, rows, front, output)
         "target_relative_bops": target,
         "budget_run": {k: record[k] for k in ("test_accuracy", "val_accuracy", "relative_bops",
                                                "expected_relative_bops", "wall_time_s", "final_mu",
-                                               "gates_frozen_at_step") if k in record},
+                                               "gates_frozen_at_step", "restored_gates") if k in record},
         "relative_error": bops / target - 1.0,
         "within_10_percent": abs(bops / target - 1.0) <= 0.1,
         "sweep": {
@@ -210,13 +214,12 @@ def main(argv=None):
     info = settings(args, recipe, train, val, test)
     tuning.write_json(output / "trials.json", {"trials": rows, "settings": info})
     tuning.write_json(output / "pareto.json", {"accuracy_key": "test_accuracy", "front": front, "settings": info})
-    extra, budget = [], None
-    if args.budget is not None:
-        budget = budget_run(args, recipe, build_model, train, val, test, rows, front, output)
-        budget["settings"] = info
-        tuning.write_json(output / "budget.json", budget)
-        extra.append({"label": f"BopsBudget run (target {args.budget}%)", "marker": "*", "color": "tab:red",
-                      **budget["budget_run"]})
+    extra, budgets = [], []
+    for target in args.budget or ():
+        budgets.append(budget_run(args, target, recipe, build_model, train, val, test, rows, front, output))
+        tuning.write_json(output / "budget.json", {"budgets": budgets, "settings": info})
+        extra.append({"label": f"BopsBudget run (target {target:g}%)", "marker": "*", "color": "tab:red",
+                      **budgets[-1]["budget_run"]})
     baselines = tuning.read_baselines(args.baselines_dir)
     for b in baselines:
         b["label"] = f"{b['label']} ({b['epochs']} ep, {b['train_images']} imgs)"
@@ -228,13 +231,14 @@ def main(argv=None):
         acc = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
         bops = "-" if r["relative_bops"] is None else f"{r['relative_bops']:.3f}%"
         print(f"trial {r['trial_id']}: mu {r.get('mu', float('nan')):.4g} {r['status']} test {acc} BOPs {bops}")
-    if budget:
-        print(f"budget run: {budget['budget_run']['relative_bops']:.3f}% BOPs (target {args.budget}%), test "
-              f"{100 * budget['budget_run']['test_accuracy']:.2f}%, {budget['budget_run']['wall_time_s']:.0f} s; "
-              f"sweep {budget['sweep']['total_wall_time_s']:.0f} s")
+    for budget in budgets:
+        run = budget["budget_run"]
+        print(f"budget run: {run['relative_bops']:.3f}% BOPs (target {budget['target_relative_bops']:g}%, "
+              f"{100 * budget['relative_error']:+.1f}%), test {100 * run['test_accuracy']:.2f}%, "
+              f"{run['wall_time_s']:.0f} s; sweep {budget['sweep']['total_wall_time_s']:.0f} s")
     print(f"{len(rows)} trials, {len(front)} on the front; wrote {output}/trials.json, pareto.json, pareto.png"
-          f"{', budget.json' if budget else ''} in {time.time() - start:.0f} s")
-    return {"trials": rows, "front": front, "budget": budget}
+          f"{', budget.json' if budgets else ''} in {time.time() - start:.0f} s")
+    return {"trials": rows, "front": front, "budgets": budgets}
 
 
 if __name__ == "__main__":

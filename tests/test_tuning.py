@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from bbits_tf import training, tuning
 from bbits_tf._keras import keras
-from bbits_tf.quantize import get_mu, quantize_model
+from bbits_tf.quantize import bayesian_bits_quantizers, get_mu, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -191,6 +192,55 @@ def test_bops_budget_freezes_the_gates_inside_the_band(tiny_quantized):
     assert float(tiny_quantized.optimizer.optimizers["gates"].learning_rate) == 0.0
 
 
+def test_bops_budget_guard_undoes_an_undershoot_with_the_fewest_gates_and_freezes(tiny_quantized):
+    from bbits_tf import relative_bops
+
+    start = relative_bops(tiny_quantized)
+    target = 0.6 * start
+    budget = _started(tuning.BopsBudget(target, ramp_fraction=0.0, freeze_band=0.05), tiny_quantized)
+    budget.update()  # above the band: a snapshot, no freeze
+    assert budget.frozen_at_step is None and budget.restored_gates == 0
+    channel_gates = [v["log_alpha_2"] for _, _, _, v in bayesian_bits_quantizers(tiny_quantized)
+                     if "log_alpha_2" in v]
+    assert channel_gates, "the tiny model prunes channels"
+    rng = np.random.default_rng(0)
+    for g in channel_gates:  # a cliff: every channel gate falls below the threshold, to distinct values
+        g.assign(rng.uniform(-5.0, -1.0, g.shape).astype(np.float32))
+    assert relative_bops(tiny_quantized) < 0.95 * target
+    cliff = [g.numpy().copy() for g in channel_gates]
+    budget.update()
+    bops = relative_bops(tiny_quantized)
+    assert bops >= 0.95 * target and bops < start
+    assert budget.history[-1]["relative_bops"] == pytest.approx(bops)
+    assert budget.frozen_at_step is not None
+    assert float(tiny_quantized.optimizer.optimizers["gates"].learning_rate) == 0.0
+    # Restored: the gates closest to the threshold, back at their snapshot value (6); the rest untouched.
+    restored = [(c[i], g, i) for g, c in zip(channel_gates, cliff) for i in np.ndindex(c.shape)
+                if g.numpy()[i] != c[i]]
+    assert len(restored) == budget.restored_gates == budget.history[-1]["restored_gates"] > 0
+    assert all(g.numpy()[i] == pytest.approx(6.0) for _, g, i in restored)
+    lowest_restored = min(v for v, _, _ in restored)
+    assert all(c[i] <= lowest_restored for g, c in zip(channel_gates, cliff) for i in np.ndindex(c.shape)
+               if g.numpy()[i] == c[i])
+    # The fewest: closing the last one restored again drops below the band.
+    _, g, i = min(restored, key=lambda r: r[0])
+    g.assign(tf.tensor_scatter_nd_update(g, [list(i)], [-5.0]))
+    assert relative_bops(tiny_quantized) < 0.95 * target
+
+
+def test_bops_budget_without_guard_leaves_an_undershoot(tiny_quantized):
+    from bbits_tf import relative_bops
+
+    target = 0.6 * relative_bops(tiny_quantized)
+    budget = _started(tuning.BopsBudget(target, ramp_fraction=0.0, guard=False), tiny_quantized)
+    budget.update()
+    for _, _, _, v in bayesian_bits_quantizers(tiny_quantized):
+        if "log_alpha_2" in v:
+            v["log_alpha_2"].assign(tf.fill(v["log_alpha_2"].shape, -5.0))
+    budget.update()
+    assert relative_bops(tiny_quantized) < 0.5 * target and budget.restored_gates == 0
+
+
 def test_bops_budget_projected_signal_and_config(tiny_quantized):
     budget = _started(tuning.BopsBudget(0.5, signal="projected", horizon_steps=10), tiny_quantized)
     gates = budget._gates
@@ -346,11 +396,11 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     assert json.loads((project / "trial_0" / "result.json").read_text())["pid"] == first.pid
     assert (tmp_path / "pareto.png").read_bytes()[:8] == PNG_MAGIC
     assert json.loads((tmp_path / "pareto.json").read_text())["front"]
-    budget = json.loads((tmp_path / "budget.json").read_text())
+    [budget] = json.loads((tmp_path / "budget.json").read_text())["budgets"]
     assert budget["target_relative_bops"] == 5.0 and budget["sweep"]["trials"] == 3
     assert budget["sweep"]["total_wall_time_s"] == pytest.approx(sum(r["wall_time_s"] for r in rows))
     assert budget["budget_run"]["wall_time_s"] > 0 and isinstance(budget["within_10_percent"], bool)
-    assert (tmp_path / "budget_run" / "model.h5").exists()
+    assert (tmp_path / "budget_5" / "model.h5").exists()
 
 
 def _free_port():
