@@ -3,34 +3,66 @@
     python examples/summarize_runs.py [--runs runs] [--output results/mnist/summary.json]
 
 Prints the Markdown table that the README shows: one row per run, plus the mean and spread (sample standard
-deviation) of the runs whose name starts with ``fast-s`` (the default recipe over seeds).
+deviation) of every group of runs named ``<group>-s<seed>`` (a recipe over seeds). A run still going (or
+stopped) without ``results.json`` is shown from its ``progress.json`` (last completed epoch, marked partial).
 """
 import argparse
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 
 
 def load_runs(folder):
     runs = {}
-    for path in sorted(Path(folder).glob("*/results.json")):
-        with open(path) as f:
-            runs[path.parent.name] = json.load(f)
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
+        if (path / "results.json").exists():
+            with open(path / "results.json") as f:
+                runs[path.name] = json.load(f)
+        elif (path / "progress.json").exists():
+            runs[path.name] = partial_run(json.loads((path / "progress.json").read_text()))
     return runs
 
 
+def partial_run(progress):
+    """A results-like dict from ``progress.json`` of a run that has not finished (no per-layer rows)."""
+    last = progress["epochs"][-1]
+    args = progress["settings"]["args"]
+    command = "python examples/mnist.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in args.items()
+        if v is not None and k in ("recipe", "method", "output_dir", "seed", "mu", "decay_groups", "epochs"))
+    return {"method": args["method"], "test_accuracy": last["test_accuracy"], "relative_bops": last["relative_bops"],
+            "expected_relative_bops": last["expected_relative_bops"], "epochs": progress["settings"]["total_epochs"],
+            "completed_epochs": progress["completed_epochs"], "wall_time_s": None, "layers": [],
+            "settings": {"command_line": command, "args": args, "recipe": progress["settings"]["recipe"]},
+            "history": progress["epochs"]}
+
+
 def row(name, r):
-    bits = "/".join(f"{layer['weight_bits']}" for layer in r["layers"])
-    acts = "/".join("f" if layer["activation_bits"] >= 32 else f"{layer['activation_bits']}" for layer in r["layers"])
-    kept = "/".join(f"{layer['kept_channels']}" for layer in r["layers"])
+    bits = "/".join(f"{layer['weight_bits']}" for layer in r["layers"]) or "-"
+    acts = "/".join("f" if layer["activation_bits"] >= 32 else f"{layer['activation_bits']}"
+                    for layer in r["layers"]) or "-"
+    kept = "/".join(f"{layer['kept_channels']}" for layer in r["layers"]) or "-"
     command = r["settings"]["command_line"].split("examples/", 1)[-1]
-    return (f"| {name} | {r['method']} | {100 * r['test_accuracy']:.2f} | {r['relative_bops']:.3f} | {r['epochs']} | "
-            f"{r['wall_time_s'] / 60:.1f} | {bits} | {acts} | {kept} | `python examples/{command}` |")
+    epochs = r["epochs"] if "completed_epochs" not in r else f"{r['completed_epochs']} of {r['epochs']} (partial)"
+    wall = "-" if r["wall_time_s"] is None else f"{r['wall_time_s'] / 60:.1f}"
+    return (f"| {name} | {r['method']} | {100 * r['test_accuracy']:.2f} | {r['relative_bops']:.3f} | {epochs} | "
+            f"{wall} | {bits} | {acts} | {kept} | `python examples/{command}` |")
+
+
+def seed_groups(runs):
+    """``{group: [run names]}`` for runs named ``<group>-s<seed>`` (finished runs only)."""
+    groups = {}
+    for name, r in runs.items():
+        match = re.fullmatch(r"(.+)-s\d+", name)
+        if match and "completed_epochs" not in r:
+            groups.setdefault(match.group(1), []).append(name)
+    return groups
 
 
 def seed_stats(runs, prefix="fast-s"):
-    chosen = [r for name, r in runs.items() if name.startswith(prefix)]
+    chosen = [r for name, r in runs.items() if name.startswith(prefix) and "completed_epochs" not in r]
     if not chosen:
         return None
     acc = [100 * r["test_accuracy"] for r in chosen]
@@ -51,18 +83,20 @@ def main(argv=None):
     lines = ["| run | method | test acc. % | rel. BOPs % | epochs | wall min | weight bits | act. bits | kept channels "
              "| command |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(name, r) for name, r in runs.items()]
-    stats = seed_stats(runs)
-    if stats:
-        lines.append(f"\nfast recipe over {stats['runs']} seeds: {stats['accuracy_mean']:.2f} +- "
+    groups = {group: seed_stats(runs, group + "-s") for group in seed_groups(runs)}
+    lines.append("")
+    for group, stats in groups.items():
+        lines.append(f"{group} over {stats['runs']} seeds: {stats['accuracy_mean']:.2f} +- "
                      f"{stats['accuracy_std']:.2f} % test accuracy at {stats['relative_bops_mean']:.3f} +- "
                      f"{stats['relative_bops_std']:.3f} % relative BOPs")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     summary = {name: {k: r[k] for k in ("method", "test_accuracy", "relative_bops", "expected_relative_bops",
-                                         "epochs", "wall_time_s", "layers", "settings", "history")}
+                                         "epochs", "wall_time_s", "layers", "settings", "history", "completed_epochs")
+                          if k in r}
                for name, r in runs.items()}
     with open(args.output, "w") as f:
-        json.dump({"runs": summary, "fast_recipe_seeds": stats}, f, indent=1)
+        json.dump({"runs": summary, "seed_groups": groups}, f, indent=1)
     if args.plots:
         redraw(runs[args.plots], Path(args.output).parent)
 
