@@ -11,6 +11,7 @@ import json
 import os
 import re
 import statistics
+import sys
 from pathlib import Path
 
 
@@ -39,16 +40,45 @@ def partial_run(progress):
             "history": progress["epochs"]}
 
 
+# Recipe fields and the examples/mnist.py options that set them.
+RECIPE_FLAGS = {"epochs": "--epochs", "warmup_epochs": "--warmup-epochs", "mu": "--mu", "batch_size": "--batch-size",
+                "lr_weights": "--lr", "lr_ranges": "--range-lr", "lr_gates": "--gate-lr",
+                "decay_groups": "--decay-groups"}
+
+
+def command(r):
+    """The run's command line, plus the options needed to reproduce its recipe under today's defaults."""
+    line = "python examples/" + r["settings"]["command_line"].split("examples/", 1)[-1]
+    recorded = r["settings"].get("recipe") or {}
+    name = r["settings"].get("recipe_name") or (r["settings"].get("args") or {}).get("recipe") or "fast"
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bbits_tf import training
+
+        today = training.RECIPES[name].to_dict()
+    except (ImportError, KeyError):
+        return line
+    for field, flag in RECIPE_FLAGS.items():
+        if field in recorded and list_or_value(recorded[field]) != list_or_value(today.get(field)) \
+                and flag not in line.split():
+            value = recorded[field]
+            line += f" {flag} {','.join(value) if isinstance(value, (list, tuple)) else value}"
+    return line
+
+
+def list_or_value(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def row(name, r):
     bits = "/".join(f"{layer['weight_bits']}" for layer in r["layers"]) or "-"
     acts = "/".join("f" if layer["activation_bits"] >= 32 else f"{layer['activation_bits']}"
                     for layer in r["layers"]) or "-"
     kept = "/".join(f"{layer['kept_channels']}" for layer in r["layers"]) or "-"
-    command = r["settings"]["command_line"].split("examples/", 1)[-1]
     epochs = r["epochs"] if "completed_epochs" not in r else f"{r['completed_epochs']} of {r['epochs']} (partial)"
     wall = "-" if r["wall_time_s"] is None else f"{r['wall_time_s'] / 60:.1f}"
     return (f"| {name} | {r['method']} | {100 * r['test_accuracy']:.2f} | {r['relative_bops']:.3f} | {epochs} | "
-            f"{wall} | {bits} | {acts} | {kept} | `python examples/{command}` |")
+            f"{wall} | {bits} | {acts} | {kept} | `{command(r)}` |")
 
 
 def seed_groups(runs):
