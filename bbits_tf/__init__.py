@@ -1,5 +1,5 @@
 """bbits_tf: Bayesian Bits (learned mixed-precision quantization and pruning) for tf_keras and TFLite."""
-from bbits_tf import gates, ops
+from bbits_tf import gates, models, ops
 from bbits_tf.configs import BayesianBitsQuantizeConfig
 from bbits_tf.quantize import (
     QuantizeReport,

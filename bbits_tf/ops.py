@@ -91,6 +91,91 @@ def quantize(x, x_max, signed, bit_widths, z_bits=None, alive=None):
 
     ``alive`` (optional, one bool per residual gate) marks the gates that are not truncated; a truncated
     gate's level and every level above it are exactly 0 and are not computed (nested ``tf.cond``).
+
+    ``x_2 + z4 (e_4 + z8 (e_8 + ...)) = sum_n c_n R_n`` with ``R_n = s_n round(x_c / s_n)`` the direct rounding at
+    level n (the residual decomposition reproduces it exactly, spec 1.4) and scalar weights
+    ``c_n = z_1 ... z_n (1 - z_n+1)``: same forward value and same straight-through gradients as the chain, with
+    one tensor-sized rounding per level. The gradient is written out (``_fused_quantize``) rather than traced.
+    """
+    x_max = tf.maximum(tf.cast(x_max, tf.float32), MIN_X_MAX)
+    x = tf.convert_to_tensor(tf.cast(x, tf.float32))
+    n_gates = len(bit_widths) - 1
+    if z_bits is None:
+        z_bits = tf.ones([n_gates], tf.float32)
+    z = tf.unstack(z_bits, num=n_gates) if n_gates else []
+    on = tuple(tf.unstack(alive, num=n_gates)) if alive is not None and n_gates else None
+    reach, coefs = tf.constant(1.0), []
+    for n in range(n_gates + 1):
+        stay = z[n] if n < n_gates else 0.0
+        coefs.append(reach * (1.0 - stay))
+        reach = reach * stay if n < n_gates else reach
+    coefs = tf.stack(coefs)
+    if on is not None:  # a level that is not computed has no weight (its gate and those above are 0 anyway)
+        computed = tf.math.cumprod(tf.cast(tf.stack(on), tf.float32))
+        coefs = coefs * tf.concat([[1.0], computed], 0)
+    return _fused_quantize(x, x_max, coefs, bool(signed), tuple(bit_widths), on)
+
+
+def _levels(on, n_levels, fn, zero):
+    """``[fn(0), fn(1), ...]`` where level n+1 is only computed if ``on[n]`` (``zero`` otherwise)."""
+    def from_level(n):
+        value = fn(n)
+        if n == n_levels - 1:
+            return [value]
+        if on is None:
+            return [value] + from_level(n + 1)
+        return [value] + tf.cond(on[n], lambda: from_level(n + 1), lambda: [zero(value)] * (n_levels - 1 - n))
+
+    return from_level(0)
+
+
+def _fused_quantize(x, x_max, coefs, signed, bit_widths, on):
+    """``sum_n coefs[n] * s_n * round(clip(x) / s_n)`` with straight-through gradients, written out.
+
+    The traced gradient of the same expression (kept in ``residual_levels``/``gated_sum`` and tested equal) costs
+    about two tensor-sized products, a division and two reductions per level; the written-out one needs one
+    product-and-sum per level. With ``x_c = clip(x)``, ``R_n = round(x_c / s_n)``, ``s_n = k_n x_max``, upstream
+    ``g``: ``dx = g * sum(c) * [lo <= x <= hi]``; ``dc_n = s_n sum(g R_n)``; ``dx_max = sum_n c_n (s_n sum(g R_n)
+    - sum(g x_c)) / x_max`` plus the clipped values' ``+-(1 - 1e-7) sum(g sum(c))`` (as ``tf.minimum``/``maximum``
+    route it: ties go to ``x``).
+    """
+    n_levels = len(bit_widths)
+
+    @tf.custom_gradient
+    def fused(x, x_max, coefs):
+        hi = CLIP_SHRINK * x_max
+        lo = -hi if signed else tf.zeros_like(hi)
+        x_c = tf.maximum(tf.minimum(x, hi), lo)
+        steps = step_sizes(x_max, signed, bit_widths)
+        c = tf.unstack(coefs, num=n_levels)
+        terms = _levels(on, n_levels, lambda n: (c[n] * steps[n]) * tf.round(x_c / steps[n]), tf.zeros_like)
+        out = terms[-1]
+        for term in reversed(terms[:-1]):  # coarse + (finer + (...)): the chain's order of additions
+            out = term + out
+
+        def grad(g):
+            total = tf.reduce_sum(coefs)
+            g_c = g * total
+            dx = tf.where((x <= hi) & (x >= lo), g_c, tf.zeros_like(g_c))
+            g_r = _levels(on, n_levels, lambda n: tf.reduce_sum(g * tf.round(x_c / steps[n])), tf.zeros_like)
+            dcoefs = tf.stack([steps[n] * g_r[n] for n in range(n_levels)])
+            g_x = tf.reduce_sum(g * x_c)
+            dx_max = tf.add_n([c[n] * (steps[n] * g_r[n] - g_x) for n in range(n_levels)]) / x_max
+            dx_max += CLIP_SHRINK * tf.reduce_sum(tf.where(x > hi, g_c, tf.zeros_like(g_c)))
+            if signed:
+                dx_max -= CLIP_SHRINK * tf.reduce_sum(tf.where(x < lo, g_c, tf.zeros_like(g_c)))
+            return dx, dx_max, dcoefs
+
+        return out, grad
+
+    return fused(x, x_max, coefs)
+
+
+def quantize_traced(x, x_max, signed, bit_widths, z_bits=None, alive=None):
+    """``quantize`` with TensorFlow's traced gradient (the previous implementation; reference and benchmark).
+
+    ``alive`` (optional, one bool per residual gate) marks the gates that are not truncated; a truncated
+    gate's level and every level above it are exactly 0 and are not computed (nested ``tf.cond``).
     """
     x_max = tf.maximum(tf.cast(x_max, tf.float32), MIN_X_MAX)
     x_c = clip(tf.cast(x, tf.float32), x_max, signed)

@@ -9,6 +9,7 @@ interleaved in rounds so that machine noise hits all of them alike. (XLA, ``jit_
 bbits_tf and was slower: the nested ``tf.cond`` that skips truncated levels does not fuse.)
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import tensorflow as tf  # noqa: E402
 
 import bbits_tf  # noqa: E402
-from bbits_tf import data, models  # noqa: E402
+from bbits_tf import data, models, ops  # noqa: E402
 from bbits_tf._keras import keras, tfmot  # noqa: E402
 
 
@@ -35,12 +36,30 @@ def _compiled(model, jit=False):
     return model
 
 
+TRACED = "bbits_tf (traced grad)"
+
+
+@contextlib.contextmanager
+def traced_gradient(active):
+    """Swaps ``bbits_tf.ops.quantize`` for ``quantize_traced`` while a variant's train step is traced."""
+    original = ops.quantize
+    if active:
+        ops.quantize = ops.quantize_traced
+    try:
+        yield
+    finally:
+        ops.quantize = original
+
+
 def variants(trained=None):
     tf.random.set_seed(0)
     runs = {
         "float": _compiled(models.lenet5()),
         "tfmot_8bit": _compiled(tfmot.quantization.keras.quantize_model(models.lenet5())),
         "bbits_tf": _compiled(bbits_tf.quantize_model(models.lenet5(), mu=0.1)),
+        # The same model with TensorFlow's traced gradient of the quantizer (bbits_tf.ops.quantize_traced, the
+        # implementation before the written-out gradient): traced with ops.quantize swapped, see TRACED.
+        TRACED: _compiled(bbits_tf.quantize_model(models.lenet5(), mu=0.1)),
     }
     if trained:
         # A trained model: most gates truncated, so fewer residual levels are computed per step.
@@ -61,11 +80,13 @@ def main(argv=None):
     (x, y), _ = data.load_mnist(train_limit=args.batch_size)
     x, y = tf.constant(x[: args.batch_size]), tf.constant(y[: args.batch_size])
     runs = variants(args.trained)
-    bbits_tf.initialize_ranges(runs["bbits_tf"], x)  # as training.run does before fit
+    for name in ("bbits_tf", TRACED):
+        bbits_tf.initialize_ranges(runs[name], x)  # as training.run does before fit
     times = {name: [] for name in runs}
-    for model in runs.values():  # warm-up: trace, range initialisation, XLA compilation
-        for _ in range(3):
-            model.train_on_batch(x, y)
+    for name, model in runs.items():  # warm-up: trace, range initialisation
+        with traced_gradient(name == TRACED):
+            for _ in range(3):
+                model.train_on_batch(x, y)
     for _ in range(args.rounds):
         for name, model in runs.items():
             for _ in range(args.steps // args.rounds):

@@ -133,3 +133,53 @@ def test_truncated_levels_are_skipped_but_equal():
     np.testing.assert_array_equal(
         ops.quantize(x, 1.5, True, CHAIN, z, alive).numpy(), ops.quantize(x, 1.5, True, CHAIN, z).numpy()
     )
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("alive", [None, (True, True, False, False), (False, False, False, False)])
+def test_written_out_gradient_equals_the_traced_one(signed, alive):
+    """``quantize``'s hand-written gradient == TensorFlow's gradient of the same expression (``quantize_traced``),
+    for x, x_max and the gate values, with clipped values, values on the clip edges and truncated levels."""
+    rng = np.random.default_rng(7)
+    x_max = tf.constant(1.3)
+    edge = float(ops.CLIP_SHRINK * 1.3)
+    x = tf.constant(np.concatenate([rng.normal(scale=1.2, size=3000), [edge, -edge, 0.0, 5.0, -5.0]]).astype(np.float32))
+    z = tf.constant([0.8, 0.3, 0.6, 0.5]) if alive is None else tf.constant([0.8, 0.3, 0.0, 0.0])
+    if alive == (False, False, False, False):
+        z = tf.zeros([4])
+    mask = None if alive is None else tf.constant(alive)
+    upstream = tf.constant(rng.normal(size=x.shape[0]).astype(np.float32))
+    results = []
+    for fn in (ops.quantize, ops.quantize_traced):
+        with tf.GradientTape() as tape:
+            tape.watch([x, x_max, z])
+            loss = tf.reduce_sum(upstream * fn(x, x_max, signed, CHAIN, z, mask))
+        results.append((loss.numpy(), *[g.numpy() for g in tape.gradient(loss, [x, x_max, z])]))
+    (loss, dx, dx_max, dz), (ref_loss, ref_dx, ref_dx_max, ref_dz) = results
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-6, atol=1e-6)
+    assert np.count_nonzero(dx[-2:]) == 0  # clipped values pass no gradient to x
+    np.testing.assert_allclose(dx_max, ref_dx_max, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(dz, ref_dz, rtol=1e-4, atol=1e-3)
+
+
+def test_written_out_gradient_inside_a_tf_function():
+    x = tf.constant(np.linspace(-2, 2, 257).astype(np.float32))
+
+    @tf.function
+    def grads(x_max, z, alive):
+        with tf.GradientTape() as tape:
+            tape.watch([x_max, z])
+            loss = tf.reduce_sum(tf.sin(x) * ops.quantize(x, x_max, True, CHAIN, z, alive))
+        return tape.gradient(loss, [x_max, z])
+
+    def traced(x_max, z, alive):
+        with tf.GradientTape() as tape:
+            tape.watch([x_max, z])
+            loss = tf.reduce_sum(tf.sin(x) * ops.quantize_traced(x, x_max, True, CHAIN, z, alive))
+        return tape.gradient(loss, [x_max, z])
+
+    for alive in ([True, True, True, False], [True, False, False, False]):
+        args = (tf.constant(1.5), tf.constant([0.9, 0.7, 0.4, 0.0]), tf.constant(alive))
+        for got, want in zip(grads(*args), traced(*args)):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
