@@ -152,14 +152,12 @@ class BopsBudget(keras.callbacks.Callback):
                 var.assign(value)
 
     def freeze_gates(self):
-        """Sets the gates' learning rate to 0 (a ``GroupedOptimizer`` is needed); returns whether it did."""
+        """Stops the gates (``GroupedOptimizer.freeze("gates")``; a ``GroupedOptimizer`` is needed); returns whether
+        it did."""
         optimizer = getattr(self.model, "optimizer", None)
-        gates = getattr(optimizer, "optimizers", {}).get("gates") if optimizer is not None else None
-        if gates is None:
+        if not hasattr(optimizer, "freeze") or "gates" not in getattr(optimizer, "optimizers", {}):
             return False
-        try:
-            gates.learning_rate = 0.0
-        except (TypeError, ValueError):
+        if not optimizer.freeze("gates"):
             return False
         self.frozen_at_step = self._step
         return True

@@ -83,6 +83,21 @@ class GroupedOptimizer(keras.optimizers.Optimizer):
     def learning_rate(self, value):
         self._optimizers[self.default or next(iter(self._optimizers))].learning_rate = value
 
+    def freeze(self, group):
+        """Stops ``group``'s variables from moving (learning rate 0; a ``ConstantThenLinearDecay`` schedule is
+        scaled by 0). Returns whether it could: other schedules cannot be changed once traced."""
+        if group not in self._optimizers:
+            raise ValueError(f"Unknown group. Expected one of {sorted(self._optimizers)}. Received: group={group!r}")
+        optimizer = self._optimizers[group]
+        schedule = getattr(optimizer, "_learning_rate", None)
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            if not isinstance(getattr(schedule, "scale", None), tf.Variable):
+                return False
+            schedule.scale.assign(0.0)
+            return True
+        optimizer.learning_rate = 0.0
+        return True
+
     def learning_rates(self):
         """The current learning rate of every group, as floats."""
         return {key: float(tf.convert_to_tensor(opt.learning_rate)) for key, opt in self._optimizers.items()}
@@ -174,6 +189,9 @@ class ConstantThenLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.epochs = int(epochs)
         self.steps_per_epoch = int(steps_per_epoch)
         self.decay_start = (2 * self.epochs) // 3 if decay_start is None else int(decay_start)
+        # Multiplies the schedule; ``GroupedOptimizer.freeze`` sets it to 0 (a variable, so that a traced train
+        # step sees the change). Not part of the config: a reloaded schedule starts unfrozen.
+        self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lr_scale")
 
     def __call__(self, step):
         k = tf.math.floordiv(tf.cast(step, tf.float32), float(self.steps_per_epoch))
@@ -182,7 +200,7 @@ class ConstantThenLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
         else:
             decay = tf.maximum((k - self.epochs) / float(self.decay_start - self.epochs), 0.0)
             factor = tf.where(k <= float(self.decay_start), 1.0, decay)
-        return self.initial_learning_rate * factor
+        return self.initial_learning_rate * factor * self.scale
 
     def get_config(self):
         return {"initial_learning_rate": self.initial_learning_rate, "epochs": self.epochs,

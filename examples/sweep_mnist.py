@@ -47,6 +47,9 @@ def parse_args(argv=None):
                              "from them when fewer are left)")
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images only (default: all)")
     parser.add_argument("--recipe", choices=sorted(training.RECIPES), default="fast", help="base recipe")
+    parser.add_argument("--decay-groups", default="weights",
+                        help="comma-separated groups whose learning rate decays (default: weights only, as in the "
+                             "paper; empty: the recipe's)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
     parser.add_argument("--gate-lr", type=float, default=3e-2, help="gate learning rate (unless tuned)")
     parser.add_argument("--mu-min", type=float, default=1e-3, help="smallest mu")
@@ -96,7 +99,8 @@ def tiny_cnn(input_shape=(28, 28, 1), num_classes=10):
 
 def make_recipe(args):
     return training.get_recipe(args.recipe, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                               batch_size=args.batch_size, lr_gates=args.gate_lr)
+                               batch_size=args.batch_size, lr_gates=args.gate_lr,
+                               decay_groups=tuple(args.decay_groups.split(",")) if args.decay_groups else None)
 
 
 def load_data(args):

@@ -148,7 +148,8 @@ def test_paper_recipe_is_the_spec():
     assert paper.init_log_alpha == (6.0, 6.0, -6.0, -6.0)
     assert (paper.weight_schedule, paper.decay_groups) == ("paper", ("weights",))
     fast = training.RECIPES["fast"]
-    assert fast.epochs <= 15 and fast.lr_gates == 1e-2
+    assert (fast.epochs, fast.warmup_epochs, fast.lr_gates, fast.mu) == (15, 1, 1e-2, 0.1)
+    assert fast.decay_groups == ("weights", "ranges", "gates")
 
 
 def test_recipe_overrides_and_validation():
