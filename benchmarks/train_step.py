@@ -1,6 +1,6 @@
 """Train-step time of LeNet5 at batch 128: float, tfmot default 8-bit QAT, and bbits_tf, in one process.
 
-Usage: python benchmarks/train_step.py [--steps 30] [--trained runs/fast-s1/model.h5]
+Usage: python benchmarks/train_step.py [--steps 30] [--trained runs/fast-v1-s1/model.h5]
        [--output benchmarks/results/train_step.json]
 
 Each variant is compiled with Adam and sparse cross-entropy and trained on the same fixed MNIST batch; the
