@@ -12,6 +12,8 @@ v1="--decay-groups weights"
   run fast-s0 --seed 0
   run fast-s1 --seed 1
   run fast-s2 --seed 2
+  run fast-s3 --seed 3
+  run fast-s4 --seed 4
   run fast-v1-s0 --seed 0 $v1
   run fast-v1-s1 --seed 1 $v1
   run fast-v1-s2 --seed 2 $v1

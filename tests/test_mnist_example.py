@@ -44,6 +44,11 @@ def test_smoke_run_writes_sane_results(smoke_run):
     assert entry["test_accuracy"] == pytest.approx(results["test_accuracy"])
     assert entry["relative_bops"] == pytest.approx(results["relative_bops"])
     assert len(results["bit_width_history"]) >= 2
+    # progress.json (rewritten after every epoch) holds the same epoch.
+    progress = json.loads((output_dir / "progress.json").read_text())
+    assert progress["completed_epochs"] == 1 and progress["settings"]["total_epochs"] == 1
+    assert progress["epochs"][0]["test_accuracy"] == pytest.approx(results["test_accuracy"])
+    assert progress["epochs"][0]["relative_bops"] == pytest.approx(results["relative_bops"])
     # Progress a person can follow: the per-epoch line and the per-layer table.
     assert "epoch 1/1 - test accuracy" in stdout and "relative BOPs" in stdout
     assert "conv2" in stdout and "total MACs 4,267,008" in stdout
