@@ -172,7 +172,7 @@ class BopsBudget(keras.callbacks.Callback):
 
         Candidates are the gate elements on in the snapshot and off now; they are restored closest-to-threshold
         first, and a binary search finds the fewest that reach ``floor`` (BOPs only grow as gates open). Returns
-        the test-time relative BOPs after the restore.
+        ``(relative BOPs after the restore, number of gate elements restored)``.
         """
         now = [v.numpy() for v in self._gates]
         candidates = []
@@ -196,8 +196,7 @@ class BopsBudget(keras.callbacks.Callback):
                 hi = mid
             else:
                 lo = mid + 1
-        self.restored_gates += lo
-        return apply(lo)
+        return apply(lo), lo
 
     def update(self):
         """Measures the BOPs and sets ``mu`` once (or freezes the gates); returns the new ``mu``."""
@@ -208,9 +207,8 @@ class BopsBudget(keras.callbacks.Callback):
         if self.guard and exact >= floor:
             self._snapshot = [v.numpy() for v in self._gates]
         elif self.guard and self._snapshot is not None:
-            before = self.restored_gates
-            exact = self.restore_to(floor)
-            restored = self.restored_gates - before
+            exact, restored = self.restore_to(floor)
+            self.restored_gates += restored
             if not self.freeze_gates():
                 warnings.warn("BopsBudget: the landing guard restored gates but cannot freeze them (the model's "
                               "optimizer is not a GroupedOptimizer); they will keep moving.", stacklevel=2)

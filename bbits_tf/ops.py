@@ -99,7 +99,13 @@ def quantize(x, x_max, signed, bit_widths, z_bits=None, alive=None):
     """
     x_max = tf.maximum(tf.cast(x_max, tf.float32), MIN_X_MAX)
     x = tf.convert_to_tensor(tf.cast(x, tf.float32))
-    n_gates = len(bit_widths) - 1
+    coefs, on = level_weights(z_bits, alive, len(bit_widths) - 1)
+    return _fused_quantize(x, x_max, coefs, bool(signed), tuple(bit_widths), on)
+
+
+def level_weights(z_bits, alive, n_gates):
+    """``(c, on)``: the scalar weight ``c_n = z_1 ... z_n (1 - z_n+1)`` of every level as one tensor, and ``alive``
+    unstacked (``None`` without it). A level that is not computed (a truncated gate below it) gets weight 0."""
     if z_bits is None:
         z_bits = tf.ones([n_gates], tf.float32)
     z = tf.unstack(z_bits, num=n_gates) if n_gates else []
@@ -110,21 +116,36 @@ def quantize(x, x_max, signed, bit_widths, z_bits=None, alive=None):
         coefs.append(reach * (1.0 - stay))
         reach = reach * stay if n < n_gates else reach
     coefs = tf.stack(coefs)
-    if on is not None:  # a level that is not computed has no weight (its gate and those above are 0 anyway)
-        computed = tf.math.cumprod(tf.cast(tf.stack(on), tf.float32))
-        coefs = coefs * tf.concat([[1.0], computed], 0)
-    return _fused_quantize(x, x_max, coefs, bool(signed), tuple(bit_widths), on)
+    if on is not None:  # its gate and those above are 0 anyway
+        coefs = coefs * tf.concat([[1.0], tf.math.cumprod(tf.cast(tf.stack(on), tf.float32))], 0)
+    return coefs, on
 
 
-def _levels(on, n_levels, fn, zero):
-    """``[fn(0), fn(1), ...]`` where level n+1 is only computed if ``on[n]`` (``zero`` otherwise)."""
+def _nested_sum(on, n_levels, term):
+    """``term(0) + (term(1) + (...))`` where level n+1 and above are only computed if ``on[n]``: a skipped tail
+    costs one tensor of zeros."""
+    def from_level(n):
+        value = term(n)
+        if n == n_levels - 1:
+            return value
+        if on is None:
+            return value + from_level(n + 1)
+        return value + tf.cond(on[n], lambda: from_level(n + 1), lambda: tf.zeros_like(value))
+
+    return from_level(0)
+
+
+def _levels(on, n_levels, fn):
+    """``[fn(0), fn(1), ...]`` where level n+1 is only computed if ``on[n]`` (zeros otherwise). Used for the
+    per-level scalars of the backward pass, where a skipped level costs a scalar."""
     def from_level(n):
         value = fn(n)
         if n == n_levels - 1:
             return [value]
         if on is None:
             return [value] + from_level(n + 1)
-        return [value] + tf.cond(on[n], lambda: from_level(n + 1), lambda: [zero(value)] * (n_levels - 1 - n))
+        skipped = n_levels - 1 - n
+        return [value] + tf.cond(on[n], lambda: from_level(n + 1), lambda: [tf.zeros_like(value)] * skipped)
 
     return from_level(0)
 
@@ -148,16 +169,15 @@ def _fused_quantize(x, x_max, coefs, signed, bit_widths, on):
         x_c = tf.maximum(tf.minimum(x, hi), lo)
         steps = step_sizes(x_max, signed, bit_widths)
         c = tf.unstack(coefs, num=n_levels)
-        terms = _levels(on, n_levels, lambda n: (c[n] * steps[n]) * tf.round(x_c / steps[n]), tf.zeros_like)
-        out = terms[-1]
-        for term in reversed(terms[:-1]):  # coarse + (finer + (...)): the chain's order of additions
-            out = term + out
+        out = _nested_sum(on, n_levels, lambda n: (c[n] * steps[n]) * tf.round(x_c / steps[n]))
 
         def grad(g):
             total = tf.reduce_sum(coefs)
             g_c = g * total
             dx = tf.where((x <= hi) & (x >= lo), g_c, tf.zeros_like(g_c))
-            g_r = _levels(on, n_levels, lambda n: tf.reduce_sum(g * tf.round(x_c / steps[n])), tf.zeros_like)
+            # R_n is recomputed: carrying it out of the forward pass's tf.cond would cost a tensor of zeros per
+            # skipped level, where the forward pass needs one for the whole skipped tail.
+            g_r = _levels(on, n_levels, lambda n: tf.reduce_sum(g * tf.round(x_c / steps[n])))
             dcoefs = tf.stack([steps[n] * g_r[n] for n in range(n_levels)])
             g_x = tf.reduce_sum(g * x_c)
             dx_max = tf.add_n([c[n] * (steps[n] * g_r[n] - g_x) for n in range(n_levels)]) / x_max
@@ -179,30 +199,10 @@ def quantize_traced(x, x_max, signed, bit_widths, z_bits=None, alive=None):
     """
     x_max = tf.maximum(tf.cast(x_max, tf.float32), MIN_X_MAX)
     x_c = clip(tf.cast(x, tf.float32), x_max, signed)
-    n_gates = len(bit_widths) - 1
-    if z_bits is None:
-        z_bits = tf.ones([n_gates], tf.float32)
-    z = tf.unstack(z_bits, num=n_gates) if n_gates else []
-    on = tf.unstack(alive, num=n_gates) if alive is not None and n_gates else None
+    coefs, on = level_weights(z_bits, alive, len(bit_widths) - 1)
+    c = tf.unstack(coefs, num=len(bit_widths))
     steps = step_sizes(x_max, signed, bit_widths)
-    # x_2 + z4 (e_4 + z8 (e_8 + ...)) = sum_n c_n R_n with R_n = s_n round(x_c / s_n) the direct rounding at
-    # level n (the residual decomposition reproduces it exactly, spec 1.4) and scalar weights
-    # c_n = z_1 ... z_n (1 - z_n+1). Same forward value and same STE gradients, fewer tensor-sized ops.
-    reach, coefs = 1.0, []
-    for n in range(n_gates + 1):
-        stay = z[n] if n < n_gates else 0.0
-        coefs.append(reach * (1.0 - stay))
-        reach = reach * stay if n < n_gates else reach
-
-    def from_level(n):
-        term = (coefs[n] * steps[n]) * round_ste(x_c / steps[n])
-        if n == n_gates:
-            return term
-        if on is None:
-            return term + from_level(n + 1)
-        return term + tf.cond(on[n], lambda: from_level(n + 1), lambda: tf.zeros_like(term))
-
-    return from_level(0)
+    return _nested_sum(on, len(bit_widths), lambda n: (c[n] * steps[n]) * round_ste(x_c / steps[n]))
 
 
 def bits_from_gates(z_bits, bit_widths):

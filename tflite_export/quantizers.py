@@ -35,6 +35,16 @@ def _register(cls):
     return keras.utils.register_keras_serializable(package=_PACKAGE)(cls)
 
 
+class _EqualByConfig:
+    """Equal when of the same class with the same ``get_config()`` (tfmot compares quantizers and configs)."""
+
+    def __eq__(self, other):
+        return isinstance(other, type(self)) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+
 def _check_bits(bits):
     if not 2 <= bits <= 8:
         raise ValueError(f"Fixed-grid quantizers take 2..8 bits (use LayerPlan.deployed() for wider grids). "
@@ -56,7 +66,7 @@ def act_fake_quant_args(bits: int, step: float, signed: bool):
 
 
 @_register
-class FixedGridWeightQuantizer(_Q.quantizers.Quantizer):
+class FixedGridWeightQuantizer(_EqualByConfig, _Q.quantizers.Quantizer):
     """Weights onto the fixed signed grid ``k * step``, ``|k| <= 2^(b-1) - 1``.
 
     Forward: ``fake_quant_with_min_max_vars(w, -n*step, n*step, num_bits=b, narrow_range=True)``.
@@ -81,15 +91,9 @@ class FixedGridWeightQuantizer(_Q.quantizers.Quantizer):
     def get_config(self):
         return {"bits": self.bits, "step": self.step}
 
-    def __eq__(self, other):
-        return isinstance(other, FixedGridWeightQuantizer) and self.get_config() == other.get_config()
-
-    def __ne__(self, other):
-        return not self == other
-
 
 @_register
-class FixedGridActivationQuantizer(_Q.quantizers.Quantizer):
+class FixedGridActivationQuantizer(_EqualByConfig, _Q.quantizers.Quantizer):
     """Activations onto the fixed grid ``k * step``, carried as int8 with scale ``step``.
 
     Forward: ``x = max(x, lo*step)`` (skipped when ``nonnegative_input`` and the grid is unsigned), then
@@ -121,12 +125,6 @@ class FixedGridActivationQuantizer(_Q.quantizers.Quantizer):
     def get_config(self):
         return {"bits": self.bits, "step": self.step, "signed": self.signed,
                 "nonnegative_input": self.nonnegative_input}
-
-    def __eq__(self, other):
-        return isinstance(other, FixedGridActivationQuantizer) and self.get_config() == other.get_config()
-
-    def __ne__(self, other):
-        return not self == other
 
 
 @_register
@@ -162,7 +160,7 @@ def _kernel_attr(layer) -> str:
 
 
 @_register
-class FixedGridQuantizeConfig(_Q.QuantizeConfig):
+class FixedGridQuantizeConfig(_EqualByConfig, _Q.QuantizeConfig):
     """Weight grid on the kernel, activation grid on the layer output (after its activation function).
 
     The layer's activation function itself is left alone (it fuses into the TFLite op). The bias stays float and
@@ -215,12 +213,6 @@ class FixedGridQuantizeConfig(_Q.QuantizeConfig):
     def get_config(self):
         return {"weight_bits": self.weight_bits, "weight_step": self.weight_step, "act_bits": self.act_bits,
                 "act_step": self.act_step, "act_signed": self.act_signed, "output_range": self.output_range}
-
-    def __eq__(self, other):
-        return isinstance(other, FixedGridQuantizeConfig) and self.get_config() == other.get_config()
-
-    def __ne__(self, other):
-        return not self == other
 
 
 class _InputQuantize(transforms.Transform):
