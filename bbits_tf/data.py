@@ -99,6 +99,21 @@ def load_mnist(data_dir=None, *, source="idx", train_limit=None, normalize=True)
     return train, test
 
 
+def check_finite(x, name="x"):
+    """Raises ``ValueError`` if the array ``x`` holds a NaN or Inf, naming the first example that does."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        return
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1) if x.ndim > 1 else np.isfinite(x)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(
+            f"`{name}` holds NaN or Inf values in {bad.size} example(s); the first is example {int(bad[0])}. "
+            f"Clean or drop them before training (one NaN turns every weight, range and gate into NaN). "
+            f"Received: {name} with shape {x.shape}"
+        )
+
+
 def make_dataset(x, y, batch_size=128, shuffle=False, seed=None):
     """Wraps arrays in a ``tf.data`` pipeline: optional shuffle (reshuffled every epoch), batch, prefetch.
 

@@ -22,6 +22,11 @@ THRESHOLD = 0.34
 # log_alpha <= TRUNCATION switches a bit gate and every higher one off (spec 3.1, "hard truncation").
 TRUNCATION = -2.0
 _EPS = 1e-6
+# Initial log_alpha of the bit gates z4, z8, z16, z32 in the MNIST recipe (spec 3.1): every tensor starts at
+# 8 bits, gates 16 and 32 truncated; (6, 6, 6, 6) is the CIFAR recipe (32 bits).
+DEFAULT_INIT_LOG_ALPHA = (6.0, 6.0, -6.0, -6.0)
+# Initial log_alpha of the pruning gates z2 (gamma_2 in the reference code, hard-coded there).
+PRUNE_INIT_LOG_ALPHA = 6.0
 # beta * log(-gamma / zeta) = -1.598597...
 _HC_SHIFT = BETA * math.log(-GAMMA / ZETA)
 # The deterministic hard-concrete gate is 1 iff sigmoid(_HC_SHIFT - log_alpha) < THRESHOLD.

@@ -44,6 +44,15 @@ def _node(model, layer):
     return nodes[0] if nodes else None
 
 
+def call_count(model, layer):
+    """How many times ``model`` calls ``layer`` (more than 1: a shared layer)."""
+    keys = getattr(model, "_network_nodes", None)
+    if not keys:
+        return len(layer._inbound_nodes)  # pylint: disable=protected-access
+    return sum(1 for index in range(len(layer._inbound_nodes))  # pylint: disable=protected-access
+               if f"{layer.name}_ib-{index}" in keys)
+
+
 def inbound_layers(model, layer):
     """Layers that feed ``layer`` in ``model``."""
     node = _node(model, layer)

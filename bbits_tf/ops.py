@@ -20,13 +20,29 @@ MIN_X_MAX = 1e-8
 
 
 def validate_bit_widths(bit_widths):
-    """Checks that ``bit_widths`` is a non-empty chain of doubling widths of at least 1 bit; returns a tuple."""
+    """Checks that ``bit_widths`` is a non-empty chain of doubling widths of at least 2 bits; returns a tuple.
+
+    Bit width 1 is rejected: the symmetric grid of this quantizer has ``2^b - 1`` levels, which at one bit is
+    the single level 0 (every value would quantize to 0). The authors' binary grid ({-s, 0} / {0, s}) is not
+    implemented.
+    """
+    if isinstance(bit_widths, (str, bytes)) or not hasattr(bit_widths, "__iter__"):
+        raise ValueError(
+            f"`bit_widths` must be a sequence of ints such as (2, 4, 8, 16, 32). Received: bit_widths={bit_widths!r}"
+        )
     try:
-        bit_widths = tuple(int(b) for b in bit_widths)
+        as_ints = tuple(int(b) for b in bit_widths)
+        exact = all(int(b) == b for b in bit_widths)
     except (TypeError, ValueError):
         raise ValueError(f"`bit_widths` must be a sequence of ints. Received: bit_widths={bit_widths!r}") from None
-    if not bit_widths or bit_widths[0] < 1:
-        raise ValueError(f"`bit_widths` must start with a width >= 1. Received: bit_widths={bit_widths!r}")
+    if not exact:
+        raise ValueError(f"`bit_widths` must be whole numbers. Received: bit_widths={tuple(bit_widths)!r}")
+    bit_widths = as_ints
+    if not bit_widths or bit_widths[0] < 2:
+        raise ValueError(
+            "`bit_widths` must start with a width >= 2 (at 1 bit the symmetric grid has the single level 0 and "
+            f"every weight would become 0). Received: bit_widths={bit_widths!r}"
+        )
     for lower, upper in zip(bit_widths, bit_widths[1:]):
         if upper != 2 * lower:
             raise ValueError(

@@ -4,17 +4,15 @@ import logging
 
 import tensorflow as tf
 
-from bbits_tf import configs, graph
+from bbits_tf import checks, configs, graph
 from bbits_tf._keras import keras, tfmot
-from bbits_tf.gates import get_gate_kind
+from bbits_tf.gates import DEFAULT_INIT_LOG_ALPHA, get_gate_kind
 from bbits_tf.ops import validate_bit_widths
 from bbits_tf.scheme import BayesianBitsQuantizeScheme
 
 logger = logging.getLogger("bbits_tf")
 _qkeras = tfmot.quantization.keras
 
-# Defaults of the MNIST recipe (spec 3.1, 7.2): start at 8 bits, gates 16 and 32 truncated.
-DEFAULT_INIT_LOG_ALPHA = (6.0, 6.0, -6.0, -6.0)
 
 
 @dataclasses.dataclass
@@ -60,7 +58,7 @@ def quantize_model(
     mu=0.1,
     prune=True,
     bit_widths=(2, 4, 8, 16, 32),
-    init_log_alpha=DEFAULT_INIT_LOG_ALPHA,
+    init_log_alpha=None,
     gate="hard_concrete",
     mask_bias=True,
     fixed_weight_bits=None,
@@ -86,12 +84,13 @@ def quantize_model(
         mu: regularizer strength; change it later with ``bbits_tf.set_mu``.
         prune: per-output-channel pruning gates on weight quantizers (never on the last layer).
         bit_widths: chain of doubling bit widths every quantizer can choose from.
-        init_log_alpha: initial ``log_alpha`` of the gates for ``bit_widths[1:]``; the default starts every
-            tensor at 8 bits (the MNIST recipe); ``(6, 6, 6, 6)`` starts at 32 (the CIFAR recipe).
+        init_log_alpha: initial ``log_alpha`` of the gates for ``bit_widths[1:]``, one value each; ``None``
+            takes ``bbits_tf.gates.DEFAULT_INIT_LOG_ALPHA`` (6, 6, -6, -6), cut to the chain's length: every
+            tensor starts at 8 bits (the MNIST recipe); ``(6, 6, 6, 6)`` starts at 32 (the CIFAR recipe).
         gate: ``"hard_concrete"`` (the paper) or ``"gumbel_sigmoid"`` (the paper's ablation).
         mask_bias: a pruned channel's bias is masked too (deviation from the reference, see README).
-        fixed_weight_bits: if set (e.g. 8 or 4), weights use this fixed bit width (no bit gates), which with
-            ``prune=True`` is the pruning-only ablation; activations keep ``bit_widths``.
+        fixed_weight_bits: if set (e.g. 8 or 4; at least 2), weights use this fixed bit width (no bit gates),
+            which with ``prune=True`` is the pruning-only ablation; activations keep ``bit_widths``.
 
     Returns:
         The quantized model.
@@ -100,16 +99,20 @@ def quantize_model(
         ValueError: for a subclassed model, a model without an input shape, a Keras 3 model, bad arguments.
     """
     graph.check_model(model)
+    _check_not_quantized(model)
+    mu = checks.number("mu", mu, minimum=0)
+    prune = checks.boolean("prune", prune)
+    mask_bias = checks.boolean("mask_bias", mask_bias)
     bit_widths = validate_bit_widths(bit_widths)
-    init_log_alpha = tuple(float(v) for v in init_log_alpha)
-    if len(init_log_alpha) < len(bit_widths) - 1:
-        raise ValueError(
-            f"`init_log_alpha` needs {len(bit_widths) - 1} values for bit_widths={bit_widths}. "
-            f"Received: init_log_alpha={init_log_alpha}"
+    if init_log_alpha is None:
+        init_log_alpha = DEFAULT_INIT_LOG_ALPHA[: len(bit_widths) - 1]
+    elif isinstance(init_log_alpha, (int, float)):
+        raise TypeError(
+            f"`init_log_alpha` must be a sequence of {len(bit_widths) - 1} values, one per gate of "
+            f"bit_widths={bit_widths} above the first. Received: init_log_alpha={init_log_alpha!r}"
         )
+    init_log_alpha = checks.numbers_of_length("init_log_alpha", init_log_alpha, len(bit_widths) - 1)
     get_gate_kind(gate)
-    if mu < 0:
-        raise ValueError(f"`mu` must be >= 0. Received: mu={mu}")
     weight_bit_widths = bit_widths if fixed_weight_bits is None else validate_bit_widths((fixed_weight_bits,))
 
     supported = [layer for layer in model.layers if configs.kernel_spec(layer) is not None]
@@ -117,6 +120,14 @@ def quantize_model(
         raise ValueError(
             "The model has no Conv2D, DepthwiseConv2D or Dense layer to quantize. "
             f"Received: model with layers {[layer.name for layer in model.layers]}"
+        )
+    shared = {layer.name: n for layer in supported if (n := graph.call_count(model, layer)) > 1}
+    if shared:
+        raise ValueError(
+            "bbits_tf quantizes each Conv2D/DepthwiseConv2D/Dense layer once, with one set of gates and one BOP "
+            "count per call site; a layer called more than once (shared weights) would be counted once and its "
+            "output quantizer would mix the ranges of different tensors. Give each call its own layer. "
+            f"Received: shared layers (name: calls) {shared}"
         )
     macs = {layer.name: graph.layer_macs(model, layer) for layer in supported}
     max_macs = max(macs.values())
@@ -165,6 +176,17 @@ def quantize_model(
     return quantized
 
 
+def _check_not_quantized(model):
+    kinds = ("QuantizeWrapper", "QuantizeWrapperV2", "QuantizeAnnotate", "QuantizeLayer")
+    wrapped = [layer.name for layer in model.layers if type(layer).__name__ in kinds]
+    if wrapped:
+        raise ValueError(
+            "The model is already quantized or annotated for quantization (tfmot wrappers); pass the float model "
+            "to `quantize_model`. To change the regularizer strength of a quantized model use `bbits_tf.set_mu`. "
+            f"Received: model with quantized layers {wrapped}"
+        )
+
+
 def bayesian_bits_quantizers(model):
     """``[(wrapper, role, quantizer, variables)]`` for every Bayesian Bits quantizer of a quantized model.
 
@@ -197,18 +219,34 @@ def initialize_ranges(model, x):
     """Sets every quantizer's range from data: one training-mode forward pass on ``x[:2]`` (spec 1.5, 9.8).
 
     ``fit`` does this on its first step anyway; call it explicitly under a ``tf.distribute`` strategy (inside
-    its scope, before ``fit``) so that every replica starts from the same ranges.
+    its scope, before ``fit``) so that every replica starts from the same ranges. A quantizer whose range in
+    this batch is zero (e.g. all-zero images) stays unset and is set by the next training step instead.
+
+    Raises:
+        ValueError: ``x`` is not a model input batch, or holds NaN or Inf.
     """
     _check_quantized(model)
-    model(tf.convert_to_tensor(x[:2]), training=True)
+    batch = tf.convert_to_tensor(x[:2])
+    if batch.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(batch))):
+        raise ValueError(
+            "`initialize_ranges` sets the quantization ranges from the data; this batch holds NaN or Inf, which "
+            f"would make every range NaN. Received: x[:2] with {int(tf.size(batch))} values, "
+            f"{int(tf.reduce_sum(tf.cast(~tf.math.is_finite(batch), tf.int32)))} of them not finite"
+        )
+    model(batch, training=True)
+
+
+def ranges_initialized(model):
+    """``{quantizer name: bool}``: whether each quantizer's range was set from data (``"<layer>/<role>"``)."""
+    return {f"{graph.inner_layer(w).name}/{role}": bool(v["range_initialized"].numpy() > 0)
+            for w, role, _, v in _check_quantized(model)}
 
 
 def set_mu(model, mu):
     """Sets the regularizer strength of a quantized model in place (no rebuild, no retrace)."""
-    if mu < 0:
-        raise ValueError(f"`mu` must be >= 0. Received: mu={mu}")
+    mu = checks.number("mu", mu, minimum=0)
     for _, _, _, variables in _check_quantized(model):
-        variables["mu"].assign(float(mu))
+        variables["mu"].assign(mu)
 
 
 def get_mu(model):

@@ -2,16 +2,16 @@
 import numpy as np
 import tensorflow as tf
 
+from bbits_tf import checks, ops
 from bbits_tf import gates as gates_lib
-from bbits_tf import ops
 from bbits_tf._keras import keras, tfmot
 
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
 
 # Placeholder range before the first call sets it from the data (spec 1.5).
 _PLACEHOLDER_X_MAX = 10.0
-# gamma_2, the pruning gates, start at 6.0 (spec 3.1).
-PRUNE_INIT_LOG_ALPHA = 6.0
+# A batch whose range (max |x|, or max x when unsigned) is not above this does not initialise the range.
+MIN_INIT_X_MAX = 1e-6
 
 
 def _keep_layer_weights_first(wrapper):
@@ -71,7 +71,7 @@ class BayesianBitsQuantizer(_Quantizer):
     def __init__(
         self,
         bit_widths=(2, 4, 8, 16, 32),
-        init_log_alpha=(6.0, 6.0, -6.0, -6.0),
+        init_log_alpha=gates_lib.DEFAULT_INIT_LOG_ALPHA,
         signed=True,
         prune=False,
         channel_ndims=1,
@@ -81,22 +81,21 @@ class BayesianBitsQuantizer(_Quantizer):
         mu=0.0,
     ):
         self.bit_widths = ops.validate_bit_widths(bit_widths)
-        init_log_alpha = tuple(float(v) for v in init_log_alpha)[: len(self.bit_widths) - 1]
-        if len(init_log_alpha) != len(self.bit_widths) - 1:
-            raise ValueError(
-                "`init_log_alpha` needs one value per residual level (len(bit_widths) - 1 = "
+        if isinstance(init_log_alpha, (int, float)) or init_log_alpha is None:
+            raise TypeError(
+                "`init_log_alpha` must be a sequence with one value per residual level (len(bit_widths) - 1 = "
                 f"{len(self.bit_widths) - 1}). Received: init_log_alpha={init_log_alpha!r}"
             )
-        self.init_log_alpha = init_log_alpha
-        self.signed = bool(signed)
-        self.prune = bool(prune)
+        if len(init_log_alpha) > len(self.bit_widths) - 1 and tuple(init_log_alpha) == gates_lib.DEFAULT_INIT_LOG_ALPHA:
+            init_log_alpha = init_log_alpha[: len(self.bit_widths) - 1]  # the default, for a shorter chain
+        self.init_log_alpha = checks.numbers_of_length("init_log_alpha", init_log_alpha, len(self.bit_widths) - 1)
+        self.signed = checks.boolean("signed", signed)
+        self.prune = checks.boolean("prune", prune)
         self.channel_ndims = int(channel_ndims)
-        self.mask_bias = bool(mask_bias)
+        self.mask_bias = checks.boolean("mask_bias", mask_bias)
         self.gate = gates_lib.get_gate_kind(gate).name
-        self.mac_weight = None if mac_weight is None else float(mac_weight)
-        if mu < 0:
-            raise ValueError(f"`mu` must be >= 0. Received: mu={mu!r}")
-        self.mu = float(mu)
+        self.mac_weight = None if mac_weight is None else checks.number("mac_weight", mac_weight, minimum=0)
+        self.mu = checks.number("mu", mu, minimum=0)
         self._bias = None
 
     @property
@@ -136,7 +135,7 @@ class BayesianBitsQuantizer(_Quantizer):
             weights["log_alpha_2"] = add(
                 f"{name}_log_alpha_2",
                 shape=channel_shape,
-                initializer=keras.initializers.Constant(PRUNE_INIT_LOG_ALPHA),
+                initializer=keras.initializers.Constant(gates_lib.PRUNE_INIT_LOG_ALPHA),
                 trainable=True,
             )
             inner = getattr(layer, "layer", None)
@@ -149,15 +148,19 @@ class BayesianBitsQuantizer(_Quantizer):
         layer.add_loss(loss)
         return weights
 
-    def _range(self, x, weights):
-        """``x_max``, set from the data on the first call (spec 1.5), clamped to >= 1e-8.
+    def _range(self, x, weights, training=True):
+        """``x_max``, set from the data on the first training call (spec 1.5), clamped to >= 1e-8.
 
-        A graph traced after the range was set has no initialisation branch at all.
+        Deviations that keep a degenerate batch from poisoning the model: a batch whose value is not finite
+        or not above ``MIN_INIT_X_MAX`` (e.g. an all-zero batch after a ReLU) does not count; the range stays
+        at its placeholder for that call and the next training call tries again. Inference
+        (``training=False``) never sets the range. A graph traced after the range was set has no
+        initialisation branch at all.
         """
         x_max, done = weights["x_max"], weights["range_initialized"]
         with tf.init_scope():
             initialized = bool(done.numpy() > 0) if tf.executing_eagerly() else False
-        if initialized:
+        if initialized or not training:
             return tf.maximum(tf.identity(x_max), ops.MIN_X_MAX)
         strategy = tf.distribute.get_strategy()
         if tf.distribute.in_cross_replica_context() is False and strategy.num_replicas_in_sync > 1:
@@ -169,10 +172,14 @@ class BayesianBitsQuantizer(_Quantizer):
             )
 
         def initialize():
-            value = tf.reduce_max(tf.abs(x)) if self.signed else tf.reduce_max(x)
-            value = tf.maximum(tf.stop_gradient(value), ops.MIN_X_MAX)
-            with tf.control_dependencies([x_max.assign(value), done.assign(1.0)]):
-                return tf.identity(x_max)
+            value = tf.stop_gradient(tf.reduce_max(tf.abs(x)) if self.signed else tf.reduce_max(x))
+            usable = tf.logical_and(tf.math.is_finite(value), value > MIN_INIT_X_MAX)
+
+            def accept():
+                with tf.control_dependencies([x_max.assign(value), done.assign(1.0)]):
+                    return tf.identity(x_max)
+
+            return tf.cond(usable, accept, lambda: tf.identity(x_max))
 
         value = tf.cond(done > 0.0, lambda: tf.identity(x_max), initialize)
         return tf.maximum(value, ops.MIN_X_MAX)
@@ -189,7 +196,7 @@ class BayesianBitsQuantizer(_Quantizer):
         """Quantizes ``inputs``; with a masked bias returns ``(kernel, bias)``."""
         dtype = inputs.dtype
         x = tf.cast(inputs, tf.float32)
-        x_max = self._range(x, weights)
+        x_max = self._range(x, weights, training)
         z_bits = alive = None
         if self.num_gates:
             z_bits = gates_lib.chain_gates(weights["log_alpha"], self.gate, training)

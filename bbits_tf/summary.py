@@ -95,14 +95,12 @@ def format_summary(profile):
 
 def plot_summary(profile, path=None):
     """Bar charts of the per-layer bit widths and kept channels; saves a PNG to ``path`` if given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no change of the user's backend
 
     names = [r.name for r in profile.layers]
     x = range(len(names))
-    fig, (ax_bits, ax_keep) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax_bits, ax_keep = fig.subplots(1, 2)
     ax_bits.bar([i - 0.2 for i in x], [r.weight_bits for r in profile.layers], width=0.4, label="weights")
     ax_bits.bar(
         [i + 0.2 for i in x],
@@ -127,5 +125,4 @@ def plot_summary(profile, path=None):
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
-    plt.close(fig)
     return fig

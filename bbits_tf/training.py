@@ -18,7 +18,8 @@ from bbits_tf import configs, graph
 from bbits_tf import data as data_lib
 from bbits_tf._keras import keras, tfmot
 from bbits_tf.bops import FLOAT_BITS, INPUT_BITS
-from bbits_tf.callbacks import BayesianBitsSummaries, BitWidthHistory, BopsLogger, bayesian_bits_state  # noqa: F401
+from bbits_tf.callbacks import (BayesianBitsSummaries, BitWidthHistory, BopsLogger, NonFiniteGuard,  # noqa: F401
+                                bayesian_bits_state)
 from bbits_tf.optimizers import GROUPS, ConstantThenLinearDecay, GroupedOptimizer, constant_then_linear_decay  # noqa: F401
 from bbits_tf.quantize import bayesian_bits_quantizers, initialize_ranges, quantize_model, variable_groups
 from bbits_tf.summary import LayerProfile, ModelProfile, summary
@@ -130,9 +131,9 @@ def get_recipe(recipe="fast", **overrides):
 def build_method(method, model, recipe):
     """The model to train for ``method`` (one of ``METHODS``) from the float ``model``."""
     if method in ABLATIONS:
-        kwargs = dict(mu=recipe.mu, init_log_alpha=recipe.init_log_alpha, bit_widths=recipe.bit_widths,
-                      mask_bias=recipe.mask_bias)
+        kwargs = dict(mu=recipe.mu, bit_widths=recipe.bit_widths, mask_bias=recipe.mask_bias)
         kwargs.update(ABLATIONS[method])
+        kwargs["init_log_alpha"] = recipe.init_log_alpha[: len(kwargs["bit_widths"]) - 1]
         return quantize_model(model, **kwargs)
     return build_baseline(method, model)
 
@@ -231,7 +232,8 @@ def _as_datasets(data, batch_size, test_batch_size, seed):
 
 
 def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch_size=1000, print_fn=print,
-          log_dir=None, bit_width_every=None, relative_bops=None, epoch_offset=0, phase="train", total_epochs=None):
+          log_dir=None, bit_width_every=None, relative_bops=None, epoch_offset=0, phase="train", total_epochs=None,
+          guard_non_finite=True):
     """Compiles ``model`` with the recipe's optimizer(s) and fits it for ``recipe.epochs`` epochs.
 
     Evaluates on the test set after every epoch (Keras progress bar, then ``BopsLogger``'s line), records the
@@ -252,6 +254,8 @@ def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch
         bit_width_every: also record bit widths every this many steps.
         relative_bops: constant relative BOPs to log for a model without Bayesian Bits quantizers.
         epoch_offset, phase, total_epochs: numbering and label of the epochs (see ``BopsLogger``).
+        guard_non_finite: refuse non-finite training data and stop at the first NaN/Inf loss or variable
+            (``NonFiniteGuard``), naming the layer and variable.
 
     Returns:
         ``(keras History, BopsLogger, BitWidthHistory)``.
@@ -261,6 +265,9 @@ def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch
             "`train` trains one phase; use `run` for a recipe with a float warm-up, or "
             f"`recipe.replace(warmup_epochs=0)`. Received: recipe.warmup_epochs={recipe.warmup_epochs}"
         )
+    if guard_non_finite:
+        data_lib.check_finite(data[0][0], "x_train")
+        data_lib.check_finite(data[1][0], "x_test")
     train_ds, test_ds, steps = _as_datasets(data, recipe.batch_size, test_batch_size, seed)
     with model.distribute_strategy.scope():
         if bayesian_bits_quantizers(model):
@@ -272,6 +279,8 @@ def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch
     bit_widths = BitWidthHistory(every_n_steps=bit_width_every)
     # Our own progress bar first, so that the epoch line of BopsLogger follows the bar's last line.
     all_callbacks = [keras.callbacks.ProgbarLogger(count_mode="steps"), logger, bit_widths]
+    if guard_non_finite:
+        all_callbacks.insert(0, NonFiniteGuard())
     if log_dir is not None:
         all_callbacks.append(BayesianBitsSummaries(log_dir))
         all_callbacks.append(keras.callbacks.TensorBoard(f"{log_dir}/{phase}", histogram_freq=0, profile_batch=0))
@@ -300,7 +309,7 @@ class TrainingRun:
 
 
 def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1, print_fn=print, log_dir=None,
-        bit_width_every=None, callbacks=()):
+        bit_width_every=None, callbacks=(), guard_non_finite=True):
     """Float warm-up (if the recipe has one), ``build_method``, then ``train``: the whole experiment.
 
     Args:
@@ -312,7 +321,7 @@ def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1
         method: one of ``METHODS``.
         seed: seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``) and the shuffling.
         strategy: a ``tf.distribute.Strategy`` or ``None``.
-        verbose, print_fn, log_dir, bit_width_every, callbacks: passed to ``train``.
+        verbose, print_fn, log_dir, bit_width_every, callbacks, guard_non_finite: passed to ``train``.
 
     Returns:
         A ``TrainingRun``.
@@ -324,7 +333,7 @@ def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1
     strategy = strategy or tf.distribute.get_strategy()
     start = time.time()
     common = dict(verbose=verbose, seed=seed, print_fn=print_fn, log_dir=log_dir, callbacks=callbacks,
-                  total_epochs=recipe.epochs)
+                  total_epochs=recipe.epochs, guard_non_finite=guard_non_finite)
     history = []
     with strategy.scope():
         float_model = model() if callable(model) and not isinstance(model, keras.Model) else model

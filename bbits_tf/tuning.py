@@ -459,14 +459,12 @@ def plot_pareto(trials, path, front=None, baselines=(), extra_points=(), accurac
                 bops_key="relative_bops", title=None):
     """Accuracy (y, percent) against relative BOPs (x, log scale): every trial, the front as a line, and the
     ``baselines`` (``read_baselines`` rows) and ``extra_points`` (dicts with ``label``, ``accuracy_key``,
-    ``bops_key``) as labelled markers. Writes a PNG (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``bops_key``) as labelled markers. Writes a PNG (matplotlib's object API: the user's backend is left alone)."""
+    from matplotlib.figure import Figure
 
     front = pareto_front(trials, accuracy_key, bops_key) if front is None else front
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     done = [(t, c) for t in trials if (c := _coordinates(t, accuracy_key, bops_key)) is not None]
     ax.scatter([c[1] for _, c in done], [100 * c[0] for _, c in done], color="tab:blue", alpha=0.6,
                label="trials (mu sweep)", zorder=3)
@@ -492,5 +490,4 @@ def plot_pareto(trials, path, front=None, baselines=(), extra_points=(), accurac
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

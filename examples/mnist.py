@@ -58,7 +58,60 @@ def parse_args(argv=None):
     parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1, help="Keras fit verbosity")
     parser.add_argument("--threads", type=int,
                         help="CPU threads for TensorFlow's ops (default: all; 1 lets runs share a machine side by side)")
-    return parser.parse_args(argv)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="TensorFlow op determinism (tf.config.experimental.enable_op_determinism): the same "
+                             "command and thread count repeat a run exactly")
+    parser.add_argument("--budget-bops", type=float, metavar="PERCENT",
+                        help="land on this relative BOPs (%% of FP32) with bbits_tf.budget.BopsBudget, which adapts mu "
+                             "during training (Bayesian Bits methods)")
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args):
+    """Rejects option values that would silently run something else (``parser.error`` exits with status 2)."""
+    for name in ("epochs", "batch_size", "train_limit", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1. Received: {value}")
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
+        parser.error(f"--warmup-epochs must be >= 0. Received: {args.warmup_epochs}")
+    if args.bit_width_every < 0:
+        parser.error(f"--bit-width-every must be >= 0. Received: {args.bit_width_every}")
+    for name in ("mu", "lr", "range_lr", "gate_lr"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0. Received: {value}")
+    if args.budget_bops is not None:
+        if not (math.isfinite(args.budget_bops) and 0 < args.budget_bops <= 100):
+            parser.error(f"--budget-bops must be in (0, 100] (percent of FP32 BOPs). Received: {args.budget_bops}")
+        if args.method not in training.ABLATIONS:
+            parser.error(f"--budget-bops needs a Bayesian Bits method ({', '.join(training.ABLATIONS)}). "
+                         f"Received: --method {args.method}")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        parser.error(f"--data-dir must be an existing folder with the 4 MNIST IDX files. Received: {args.data_dir}")
+
+
+def environment(args):
+    """Versions, thread count and machine behind a run's numbers (written into results.json)."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("tensorflow", "tf_keras", "tensorflow-model-optimization", "numpy", "ai-edge-litert",
+                    "tflite-micro", "keras-tuner"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "versions": versions,
+        "threads": args.threads,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "deterministic": bool(args.deterministic),
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
+    }
 
 
 def make_recipe(args):
@@ -195,6 +248,8 @@ def main(argv=None):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
     recipe = make_recipe(args)
     output_dir = Path(args.output_dir or f"runs/mnist-{args.method}-{args.seed}")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -203,10 +258,19 @@ def main(argv=None):
     print(f"MNIST: {len(x_train)} training, {len(x_test)} test images; method {args.method}; recipe {args.recipe}: "
           f"{recipe}")
 
+    env = environment(args)
     progress = ProgressWriter(output_dir / "progress.json",
-                              {"args": vars(args), "recipe": recipe.to_dict(), "total_epochs": recipe.epochs})
+                              {"args": vars(args), "recipe": recipe.to_dict(), "total_epochs": recipe.epochs,
+                               "environment": env})
+    callbacks = [progress]
+    budget = None
+    if args.budget_bops is not None:
+        from bbits_tf.budget import BopsBudget
+
+        budget = BopsBudget(args.budget_bops, print_fn=print)
+        callbacks.append(budget)
     result = training.run(models.lenet5, recipe, data, method=args.method, seed=args.seed, verbose=args.verbose,
-                          log_dir=args.log_dir, bit_width_every=args.bit_width_every or None, callbacks=[progress])
+                          log_dir=args.log_dir, bit_width_every=args.bit_width_every or None, callbacks=callbacks)
     print(bbits_tf.format_summary(result.profile))
     warmup = 0 if args.method == "float" else recipe.warmup_epochs
 
@@ -236,8 +300,12 @@ def main(argv=None):
             "test_images": len(x_test),
             "tensorflow": tf.__version__,
             "bbits_tf": bbits_tf.__version__,
-            "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
+            "machine": env["machine"],
+            "environment": env,
         },
+        "budget": None if budget is None else {
+            "target_relative_bops": budget.target_relative_bops, "frozen_at_step": budget.frozen_at_step,
+            "restored_gates": budget.restored_gates, "final_mu": bbits_tf.get_mu(result.model)},
         "model_path": str(model_path),
         "tflite": None,
         "history": result.history,
