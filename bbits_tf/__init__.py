@@ -6,9 +6,12 @@ from bbits_tf.quantize import (
     bayesian_bits_quantizers,
     get_mu,
     initialize_ranges,
+    load_model,
     quantize_model,
     quantize_scope,
+    ranges_initialized,
     regularization_loss,
+    register_loading_objects,
     set_mu,
     variable_groups,
 )
@@ -18,3 +21,6 @@ from bbits_tf.scheme import BayesianBitsQuantizeScheme
 __version__ = "0.1.0"
 from bbits_tf.bops import layer_bops, relative_bops  # noqa: E402
 from bbits_tf.summary import ModelProfile, LayerProfile, format_summary, plot_summary, summary  # noqa: E402
+from bbits_tf._keras import keras  # noqa: E402  (tf_keras, the Keras 2 that tfmot needs: `from bbits_tf import keras`)
+
+register_loading_objects()

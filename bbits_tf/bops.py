@@ -87,6 +87,13 @@ def _merge(model, layer, inputs):
 def layer_bops(model, *, expected=False, input_bits=INPUT_BITS):
     """Per-layer BOP accounting of a quantized model, in graph order."""
     state = _quantizer_state(model)
+    if not state:
+        raise ValueError(
+            "BOPs are counted from the gates of a Bayesian Bits model; this model has none. Pass the model that "
+            "`bbits_tf.quantize_model` returned (for a float or fixed-bit model use "
+            f"`bbits_tf.training.fixed_bit_profile(model, weight_bits, activation_bits)`). "
+            f"Received: model={getattr(model, 'name', model)!r}"
+        )
     tensors, records = {}, []
     for layer in graph.topological_layers(model):
         if isinstance(layer, keras.layers.InputLayer):
@@ -127,10 +134,6 @@ def layer_bops(model, *, expected=False, input_bits=INPUT_BITS):
         )
         tensors[id(layer)] = _Tensor(out_bits, keep_out)
     return records
-
-
-def total_macs(model):
-    return sum(r.macs for r in layer_bops(model))
 
 
 def relative_bops(model, *, expected=False):

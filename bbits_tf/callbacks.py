@@ -208,7 +208,8 @@ def first_non_finite_variable(model):
             value = np.asarray(variable.numpy(), dtype=np.float64)
             bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
             if bad:
-                return graph.inner_layer(layer).name, variable.name, bad, int(np.size(value))
+                short = variable.name.rsplit("/", 1)[-1].split(":")[0]  # tfmot names kernels quantize_annotate/...
+                return graph.inner_layer(layer).name, short, bad, int(np.size(value))
     return None
 
 

@@ -10,6 +10,7 @@ Example:
 """
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,13 @@ def _read_idx(path):
         raise ValueError(f"`path` must be an existing IDX file. Received: path={str(path)!r}")
     raw = path.read_bytes()
     if raw[:2] == _GZIP_MAGIC:
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as error:  # truncated or corrupted download
+            raise ValueError(
+                f"The gzip file is damaged ({type(error).__name__}: {error}); download or copy it again. "
+                f"Received: path={str(path)!r} ({len(raw)} bytes)"
+            ) from None
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if magic is None or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(

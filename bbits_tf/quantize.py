@@ -28,18 +28,48 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-def quantize_scope(*args):
-    """Scope in which a saved bbits_tf model loads (``keras.models.load_model`` inside it)."""
+def _loading_objects():
+    """``{name: class}`` of everything a saved bbits_tf model names: tfmot's wrappers and bbits_tf's classes."""
     from bbits_tf import models  # noqa: F401  (registers the reference models' initializers)
 
-    objects = {
+    objects = {}
+    for extra in _qkeras.quantize_scope().custom_objects:
+        objects.update(extra)
+    objects.update({
         name.split(">", 1)[1]: obj
         for name, obj in keras.utils.get_custom_objects().items()
         if name.startswith("bbits_tf>")
-    }
+    })
+    return objects
+
+
+def quantize_scope(*args):
+    """Scope in which a saved bbits_tf model loads (``keras.models.load_model`` inside it).
+
+    Importing ``bbits_tf`` also registers these objects with Keras (``register_loading_objects``), so a plain
+    ``keras.models.load_model(path)`` works after ``import bbits_tf``; ``bbits_tf.load_model`` does both.
+    """
+    objects = _loading_objects()
     for extra in args:
         objects.update(extra)
     return _qkeras.quantize_scope(objects)
+
+
+def register_loading_objects():
+    """Registers tfmot's wrappers and bbits_tf's classes with Keras' global custom objects (done on import).
+
+    Without it, loading a ``.keras`` file outside ``quantize_scope`` fails deep in Keras with "Received:
+    layer=QuantizeWrapperV2 of type <class 'str'>". Names already registered by the user are left alone.
+    """
+    registry = keras.utils.get_custom_objects()
+    for name, obj in _loading_objects().items():
+        registry.setdefault(name, obj)
+
+
+def load_model(path, **kwargs):
+    """Loads a saved bbits_tf model (``.h5``, ``.keras`` or SavedModel) with everything it needs in scope."""
+    with quantize_scope():
+        return keras.models.load_model(path, **kwargs)
 
 
 def _skip_reason(layer):

@@ -101,3 +101,10 @@ def test_summary_prints_a_table(qlenet, capsys):
     out = capsys.readouterr().out
     assert "conv2" in out and "6.250% of FP32" in out
     assert bbits_tf.summary(qlenet).to_dict()["relative_bops"] == pytest.approx(6.25)
+
+
+def test_summary_of_a_float_model_says_what_to_pass():
+    with pytest.raises(ValueError, match="no(ne)?.*quantize_model"):
+        bbits_tf.summary(models.lenet5())
+    with pytest.raises(ValueError, match="fixed_bit_profile"):
+        bbits_tf.relative_bops(models.lenet5())

@@ -206,3 +206,24 @@ def test_make_dataset_bad_arguments():
         make_dataset(np.zeros(3), np.zeros(2))
     with pytest.raises(ValueError, match="batch_size=0"):
         make_dataset(np.zeros(3), np.zeros(3), batch_size=0)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_damaged_gzip_names_the_file(tmp_path, damage):
+    raw = gzip.compress(idx_bytes(np.arange(24, dtype=np.uint8).reshape(2, 3, 4), "u1"))
+    raw = raw[: len(raw) // 2] if damage == "truncate" else raw[:12] + bytes(b ^ 0xFF for b in raw[12:30]) + raw[30:]
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=r"gzip file is damaged.*train-images-idx3-ubyte\.gz"):
+        read_idx(path)
+
+
+def test_check_finite_names_the_first_bad_example():
+    from bbits_tf.data import check_finite
+
+    x = np.zeros((5, 2, 2, 1), np.float32)
+    check_finite(x)  # clean: no error
+    x[3, 1, 0, 0] = np.inf
+    x[4, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="2 example\\(s\\); the first is example 3"):
+        check_finite(x, "x_train")

@@ -183,3 +183,10 @@ def test_written_out_gradient_inside_a_tf_function():
         args = (tf.constant(1.5), tf.constant([0.9, 0.7, 0.4, 0.0]), tf.constant(alive))
         for got, want in zip(grads(*args), traced(*args)):
             np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [(1,), (1, 2), (1, 2, 4), (2.5, 5), b"248", 8])
+def test_bit_width_1_and_non_sequences_are_rejected(bad):
+    # At 1 bit the symmetric grid (2^b - 1 levels) is the single level 0: every weight would become 0.
+    with pytest.raises(ValueError, match="bit_widths"):
+        ops.validate_bit_widths(bad)

@@ -216,3 +216,110 @@ def test_save_and_reload_gives_identical_outputs(tmp_path, suffix):
     assert bbits_tf.get_mu(loaded) == pytest.approx(0.2)
     assert float(bbits_tf.regularization_loss(loaded)) == pytest.approx(float(bbits_tf.regularization_loss(qmodel)))
     assert bbits_tf.summary(loaded).relative_bops == pytest.approx(bbits_tf.summary(qmodel).relative_bops)
+
+
+# --- bad input never yields a silently wrong model --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"mu": float("nan")}, ValueError, "mu"),
+        ({"mu": float("inf")}, ValueError, "mu"),
+        ({"mu": "0.1"}, TypeError, "mu"),
+        ({"mu": True}, TypeError, "mu"),
+        ({"init_log_alpha": 6}, TypeError, "init_log_alpha"),
+        ({"init_log_alpha": (6, 6, -6, -6, 6)}, ValueError, "exactly 4"),
+        ({"init_log_alpha": (6, 6, float("nan"), -6)}, ValueError, "finite"),
+        ({"bit_widths": "248"}, ValueError, "bit_widths"),
+        ({"bit_widths": (1, 2)}, ValueError, "width >= 2"),
+        ({"fixed_weight_bits": 1}, ValueError, "width >= 2"),
+        ({"prune": "no"}, TypeError, "prune"),
+        ({"mask_bias": 1}, TypeError, "mask_bias"),
+    ],
+)
+def test_bad_arguments_raise_with_the_argument_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        bbits_tf.quantize_model(models.lenet5(), **kwargs)
+
+
+def test_default_init_log_alpha_follows_a_shorter_chain():
+    q = bbits_tf.quantize_model(models.lenet5(), bit_widths=(2, 4, 8))
+    assert {quantizer.init_log_alpha for _, _, quantizer, _ in bbits_tf.bayesian_bits_quantizers(q)} == {(6.0, 6.0)}
+
+
+@pytest.mark.parametrize("mu", [float("nan"), float("inf"), -0.5, "0.1"])
+def test_set_mu_rejects_non_finite_and_negative(qlenet, mu):
+    before = bbits_tf.get_mu(qlenet)
+    with pytest.raises((ValueError, TypeError), match="mu"):
+        bbits_tf.set_mu(qlenet, mu)
+    assert bbits_tf.get_mu(qlenet) == before
+
+
+def test_quantizing_a_quantized_model_says_so(qlenet):
+    with pytest.raises(ValueError, match="already quantized"):
+        bbits_tf.quantize_model(qlenet)
+
+
+def test_shared_layer_is_rejected_with_its_call_count():
+    inputs = keras.Input((8,))
+    dense = keras.layers.Dense(8, activation="relu", name="shared")
+    outputs = keras.layers.Dense(2, name="head")(dense(dense(inputs)))
+    with pytest.raises(ValueError, match=r"shared layers \(name: calls\) \{'shared': 2\}"):
+        bbits_tf.quantize_model(keras.Model(inputs, outputs))
+
+
+def _zero_bias_mlp():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(5, activation="relu", bias_initializer="zeros", name="hidden")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+
+
+def test_all_zero_first_batch_does_not_fix_the_ranges_and_the_next_batch_sets_them():
+    q = bbits_tf.quantize_model(_zero_bias_mlp())
+    bbits_tf.initialize_ranges(q, np.zeros((2, 6), np.float32))  # every activation is relu(0) = 0
+    state = bbits_tf.ranges_initialized(q)
+    assert state == {"hidden/weight": True, "hidden/activation": False, "head/weight": True}
+    x = np.random.default_rng(0).uniform(0.5, 1.0, (4, 6)).astype(np.float32)
+    q(x, training=True)
+    assert all(bbits_tf.ranges_initialized(q).values())
+    (_, _, _, act_vars), = [e for e in bbits_tf.bayesian_bits_quantizers(q) if e[1] == "activation"]
+    assert float(act_vars["x_max"].numpy()) > 1e-3  # set from the real batch, not the 1e-8 clamp
+
+
+def test_inference_never_sets_the_ranges():
+    q = bbits_tf.quantize_model(_zero_bias_mlp())
+    x = np.random.default_rng(1).uniform(0.5, 1.0, (4, 6)).astype(np.float32)
+    before = [v.numpy().copy() for v in q.variables]
+    q(x, training=False)
+    q.predict(x, verbose=0)
+    assert not any(bbits_tf.ranges_initialized(q).values())
+    for a, v in zip(before, q.variables):
+        np.testing.assert_array_equal(a, v.numpy())
+
+
+def test_initialize_ranges_rejects_nan_data():
+    q = bbits_tf.quantize_model(_zero_bias_mlp())
+    x = np.ones((2, 6), np.float32)
+    x[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf.*1 of them not finite"):
+        bbits_tf.initialize_ranges(q, x)
+    assert not any(bbits_tf.ranges_initialized(q).values())
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_saved_model_loads_without_quantize_scope_after_import(tmp_path, suffix):
+    q = bbits_tf.quantize_model(models.lenet5())
+    x = np.random.default_rng(2).uniform(0, 1, (3, 28, 28, 1)).astype(np.float32)
+    bbits_tf.initialize_ranges(q, x)
+    path = str(tmp_path / f"m{suffix}")
+    q.save(path)
+    loaded = keras.models.load_model(path)  # no quantize_scope: `import bbits_tf` registered the classes
+    np.testing.assert_array_equal(loaded(x).numpy(), q(x).numpy())
+    np.testing.assert_array_equal(bbits_tf.load_model(path)(x).numpy(), q(x).numpy())
+
+
+def test_bbits_tf_offers_tf_keras():
+    import tf_keras
+
+    assert bbits_tf.keras is tf_keras
