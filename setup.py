@@ -22,8 +22,10 @@ setup(
         "tensorboard==2.21.*",  # keras-tuner needs it at search time; TF 2.21 no longer pulls it in
         "tensorflow-datasets",
         "ai-edge-litert==2.3.*",
+        "tflite-micro",  # examples/mnist.py runs the exported int8 model in the TFLite Micro interpreter
         "numpy",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "tflite-micro"]},
+    # constraints.txt pins the exact versions behind the README's numbers: pip install -e . -c constraints.txt
+    extras_require={"test": ["pytest"]},
 )

@@ -36,7 +36,8 @@ def partial_run(progress):
     return {"method": args["method"], "test_accuracy": last["test_accuracy"], "relative_bops": last["relative_bops"],
             "expected_relative_bops": last["expected_relative_bops"], "epochs": progress["settings"]["total_epochs"],
             "completed_epochs": progress["completed_epochs"], "wall_time_s": None, "layers": [],
-            "settings": {"command_line": command, "args": args, "recipe": progress["settings"]["recipe"]},
+            "settings": {"command_line": command, "args": args, "recipe": progress["settings"]["recipe"],
+                         "environment": progress["settings"].get("environment")},
             "history": progress["epochs"]}
 
 
@@ -102,6 +103,21 @@ def seed_stats(runs, prefix="fast-s"):
             "accuracy": acc, "relative_bops": bops}
 
 
+def environments(runs):
+    """``{description: [run names]}``: the versions, thread count and determinism each run recorded."""
+    found = {}
+    for name, r in runs.items():
+        env = (r.get("settings") or {}).get("environment")
+        if env is None:
+            key = "not recorded (a run of older code)"
+        else:
+            versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+            key = (f"threads {env['threads'] or 'all'}, deterministic {env['deterministic']}, {env['machine']}; "
+                   f"{versions}")
+        found.setdefault(key, []).append(name)
+    return found
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs")
@@ -118,6 +134,8 @@ def main(argv=None):
         lines.append(f"{group} over {stats['runs']} seeds: {stats['accuracy_mean']:.2f} +- "
                      f"{stats['accuracy_std']:.2f} % test accuracy at {stats['relative_bops_mean']:.3f} +- "
                      f"{stats['relative_bops_std']:.3f} % relative BOPs")
+    for env, names in environments(runs).items():
+        lines.append(f"environment of {len(names)} run(s): {env}")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     summary = {name: {k: r[k] for k in ("method", "test_accuracy", "relative_bops", "expected_relative_bops",
