@@ -21,6 +21,7 @@ from bbits_tf.scheme import BayesianBitsQuantizeScheme
 __version__ = "0.1.0"
 from bbits_tf.bops import layer_bops, relative_bops  # noqa: E402
 from bbits_tf.summary import ModelProfile, LayerProfile, format_summary, plot_summary, summary  # noqa: E402
+from bbits_tf import callbacks  # noqa: E402  (NonFiniteGuard, BopsLogger, ...)
 from bbits_tf._keras import keras  # noqa: E402  (tf_keras, the Keras 2 that tfmot needs: `from bbits_tf import keras`)
 
 register_loading_objects()
