@@ -10,16 +10,32 @@ KERNELS = {
     keras.layers.Conv2D: ("kernel", 1),
     keras.layers.Dense: ("kernel", 1),
 }
+# Subclasses of a supported type that compute something else: never mistaken for their base class.
+# (Conv2DTranspose subclasses Conv2D in tf_keras, with the kernel laid out (kh, kw, out, in).)
+UNSUPPORTED_SUBCLASSES = (keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
 # Activations whose output is never negative: their output quantizer is unsigned.
 UNSIGNED_ACTIVATIONS = ("relu", "relu6", "sigmoid", "softmax", "softplus", "elu_positive")
 
 
 def kernel_spec(layer):
     """``(attribute, channel_ndims)`` of a supported layer, or ``None``."""
+    if isinstance(layer, UNSUPPORTED_SUBCLASSES):
+        return None
     for cls, spec in KERNELS.items():  # DepthwiseConv2D subclasses Conv2D: it comes first.
         if isinstance(layer, cls):
             return spec
     return None
+
+
+def kernel_attribute(layer):
+    """Name of a supported layer's kernel attribute (``"kernel"`` or ``"depthwise_kernel"``)."""
+    spec = kernel_spec(layer)
+    if spec is None:
+        raise ValueError(
+            "Only Conv2D, DepthwiseConv2D and Dense layers have a Bayesian Bits kernel. "
+            f"Received: layer={getattr(layer, 'name', layer)!r} of type {type(layer).__name__}"
+        )
+    return spec[0]
 
 
 def activation_is_unsigned(layer):

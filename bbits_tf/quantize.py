@@ -75,6 +75,9 @@ def load_model(path, **kwargs):
 def _skip_reason(layer):
     if graph.is_passthrough(layer):
         return "passes values through unchanged (nothing to quantize)"
+    if isinstance(layer, configs.UNSUPPORTED_SUBCLASSES):
+        return (f"{type(layer).__name__} is not supported (it subclasses Conv2D but its kernel is laid out "
+                "(kh, kw, filters_out, filters_in) and its MACs differ); its weights stay float")
     if isinstance(layer, keras.layers.BatchNormalization):
         return "BatchNormalization is not folded into the quantized layer yet; it runs in float"
     if not layer.weights:

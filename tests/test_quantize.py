@@ -323,3 +323,16 @@ def test_bbits_tf_offers_tf_keras():
     import tf_keras
 
     assert bbits_tf.keras is tf_keras
+
+
+def test_conv2d_transpose_is_left_float_with_a_reason_not_taken_for_a_conv2d():
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.Conv2DTranspose(5, 3, strides=2, name="up")(x)  # filters != input channels
+    outputs = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(x))
+    q = bbits_tf.quantize_model(keras.Model(inputs, outputs))
+    assert q.bbits_report.quantized == ["conv", "head"]
+    reasons = {name: reason for name, _, reason in q.bbits_report.skipped}
+    assert "Conv2DTranspose is not supported" in reasons["up"]
+    assert [r.name for r in bbits_tf.layer_bops(q)] == ["conv", "head"]
+    assert q(np.ones((1, 6, 6, 3), np.float32)).shape == (1, 2)
