@@ -1,14 +1,21 @@
 """BOP-budget targeting: a callback that adapts ``mu`` during training to end near a relative-BOP budget."""
 import math
+import numbers
 import warnings
 
 import numpy as np
 
+from bbits_tf import checks
 from bbits_tf import gates as gates_lib
 from bbits_tf._keras import keras
 from bbits_tf.bops import relative_bops as _relative_bops
 from bbits_tf.quantize import bayesian_bits_quantizers, get_mu, set_mu
 
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
+    return int(value)
 
 
 class BopsBudget(keras.callbacks.Callback):
@@ -70,19 +77,30 @@ class BopsBudget(keras.callbacks.Callback):
                  integral_band=math.log(2.0), shrink_tolerance=0.01, ramp_fraction=0.5, freeze_band=0.05,
                  mu_min=1e-4, mu_max=10.0, initial_mu=None, horizon_steps=50, print_fn=None, guard=True):
         super().__init__()
-        if not target_relative_bops > 0:
-            raise ValueError(f"`target_relative_bops` must be > 0. Received: {target_relative_bops!r}")
+        target_relative_bops = checks.number("target_relative_bops", target_relative_bops)
+        if not 0 < target_relative_bops <= 100:
+            raise ValueError("`target_relative_bops` is a percentage of the FP32 BOPs and must be in (0, 100]. "
+                             f"Received: target_relative_bops={target_relative_bops!r}")
         if signal not in ("expected", "deterministic", "projected"):
             raise ValueError(
                 f"`signal` must be 'expected', 'deterministic' or 'projected'. Received: signal={signal!r}")
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be a positive int. Received: every_n_steps={every_n_steps!r}")
-        if not 0 <= ramp_fraction <= 1:
-            raise ValueError(f"`ramp_fraction` must be in [0, 1]. Received: ramp_fraction={ramp_fraction!r}")
-        if freeze_band is not None and not freeze_band > 0:
-            raise ValueError(f"`freeze_band` must be > 0 or None. Received: freeze_band={freeze_band!r}")
-        if not 0 < mu_min <= mu_max:
+        every_n_steps = _positive_int("every_n_steps", every_n_steps)
+        kp, ki = checks.number("kp", kp, minimum=0), checks.number("ki", ki, minimum=0)
+        integral_band = checks.number("integral_band", integral_band, minimum=0, strict_minimum=True)
+        shrink_tolerance = checks.number("shrink_tolerance", shrink_tolerance, minimum=0)
+        ramp_fraction = checks.number("ramp_fraction", ramp_fraction, minimum=0, maximum=1)
+        if freeze_band is not None:
+            freeze_band = checks.number("freeze_band", freeze_band, minimum=0, strict_minimum=True)
+        mu_min = checks.number("mu_min", mu_min, minimum=0, strict_minimum=True)
+        mu_max = checks.number("mu_max", mu_max, minimum=0, strict_minimum=True)
+        if mu_min > mu_max:
             raise ValueError(f"Need 0 < mu_min <= mu_max. Received: mu_min={mu_min}, mu_max={mu_max}")
+        if initial_mu is not None:
+            initial_mu = checks.number("initial_mu", initial_mu, minimum=0)
+        checks.number("horizon_steps", horizon_steps, minimum=0)
+        if print_fn is not None and not callable(print_fn):
+            raise TypeError(f"`print_fn` must be callable or None. Received: print_fn={print_fn!r}")
+        guard = checks.boolean("guard", guard)
         self.target_relative_bops, self.signal, self.every_n_steps = float(target_relative_bops), signal, every_n_steps
         self.kp, self.ki, self.integral_band = float(kp), float(ki), float(integral_band)
         self.shrink_tolerance, self.ramp_fraction = float(shrink_tolerance), float(ramp_fraction)
@@ -94,6 +112,7 @@ class BopsBudget(keras.callbacks.Callback):
         self._active, self._integral, self._step, self._epoch, self._log_mu0 = False, 0.0, 0, 0, None
         self._start_bops, self._fit_start, self._ramp_steps, self._last_error = None, 0, 0, None
         self._gates, self._last_gates, self._velocity = [], None, None
+        self._resumed = False
 
     def get_config(self):
         keys = ("target_relative_bops", "signal", "every_n_steps", "kp", "ki", "integral_band", "shrink_tolerance",
@@ -104,7 +123,37 @@ class BopsBudget(keras.callbacks.Callback):
     def from_config(cls, config):
         return cls(**config)
 
+    # The state that a checkpoint keeps (``get_state``): the controller, the counters, the landing guard's snapshot.
+    _STATE = ("history", "frozen_at_step", "restored_gates", "_integral", "_step", "_epoch", "_log_mu0",
+              "_start_bops", "_fit_start", "_last_error")
+    _ARRAY_STATE = ("_snapshot", "_last_gates", "_velocity")
+
+    def get_state(self):
+        """The controller's state as JSON-able data (``bbits_tf.training.run`` keeps it in its checkpoints)."""
+        state = {key: getattr(self, key) for key in self._STATE}
+        state["history"] = [dict(record) for record in self.history]
+        for key in self._ARRAY_STATE:
+            value = getattr(self, key)
+            state[key] = None if value is None else [np.asarray(v).tolist() for v in value]
+        return state
+
+    def set_state(self, state):
+        """Restores ``get_state``'s data: the next ``fit`` continues the interrupted one (same ramp, same integral,
+        gates still frozen: ``mu`` and the frozen learning rates are the model's and optimizer's, restored with
+        them)."""
+        missing = set(self._STATE + self._ARRAY_STATE) - set(state)
+        if missing:
+            raise ValueError(f"Not a BopsBudget state: {sorted(missing)} missing. Received: state keys {sorted(state)}")
+        for key in self._STATE:
+            setattr(self, key, state[key])
+        self.history = [dict(record) for record in state["history"]]
+        for key in self._ARRAY_STATE:
+            value = state[key]
+            setattr(self, key, None if value is None else [np.asarray(v, dtype=np.float32) for v in value])
+        self._resumed = True
+
     def on_train_begin(self, logs=None):
+        resumed, self._resumed = self._resumed, False
         self._active = bool(bayesian_bits_quantizers(self.model))
         if not self._active:
             return
@@ -112,12 +161,13 @@ class BopsBudget(keras.callbacks.Callback):
             mu0 = self.initial_mu if self.initial_mu is not None else get_mu(self.model)
             self._log_mu0 = math.log(min(max(mu0, self.mu_min), self.mu_max))
             set_mu(self.model, math.exp(self._log_mu0))
-        self._start_bops, self._fit_start, self._last_error = None, self._step, None
+        if not resumed:  # a new fit starts its own ramp (a resumed one goes on with the interrupted fit's)
+            self._start_bops, self._fit_start, self._last_error = None, self._step, None
+            self._last_gates, self._velocity, self._snapshot = None, None, None
         pairs = [(v[k], gates_lib.get_gate_kind(q.gate).log_alpha_threshold)
                  for _, _, q, v in bayesian_bits_quantizers(self.model) for k in ("log_alpha", "log_alpha_2") if k in v]
         self._gates = [g for g, _ in pairs]
         self._thresholds = [t for _, t in pairs]
-        self._last_gates, self._velocity, self._snapshot = None, None, None
         self._ramp_steps = self.ramp_fraction * (self.params.get("steps") or 0) * (self.params.get("epochs") or 0)
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -68,6 +68,14 @@ class GroupedOptimizer(keras.optimizers.Optimizer):
             for variable in variables:
                 self._group_of[self._var_key(variable)] = key
         self._explicit_groups = groups is not None
+        # Tracked, so that a tf.train.Checkpoint of this optimizer holds what ``freeze`` changed: the scale of every
+        # ``ConstantThenLinearDecay`` (a constant learning rate is a tracked variable of its optimizer already).
+        scales = {}
+        for key, opt in built.items():
+            scale = getattr(getattr(opt, "_learning_rate", None), "scale", None)
+            if isinstance(scale, tf.Variable):
+                scales[key] = scale
+        self._lr_scales = scales
 
     @property
     def optimizers(self):
@@ -97,6 +105,19 @@ class GroupedOptimizer(keras.optimizers.Optimizer):
             return True
         optimizer.learning_rate = 0.0
         return True
+
+    def frozen_groups(self):
+        """The groups that ``freeze`` stopped (a schedule scaled by 0, or a constant learning rate of 0)."""
+        frozen = []
+        for key, optimizer in self._optimizers.items():
+            schedule = getattr(optimizer, "_learning_rate", None)
+            if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+                value = self._lr_scales.get(key)
+            else:
+                value = optimizer.learning_rate
+            if value is not None and float(tf.convert_to_tensor(value)) == 0.0:
+                frozen.append(key)
+        return frozen
 
     def learning_rates(self):
         """The current learning rate of every group, as floats."""

@@ -6,18 +6,27 @@ re-exported here.
 ``run`` does everything from a float model and a ``Recipe`` (``RECIPES["paper"]``, ``RECIPES["fast"]``), for
 Bayesian Bits, its ablations and the fixed-bit baselines (``METHODS``); ``bbits_tf.optimizers`` shows the paper's
 three optimizers in a plain ``compile``/``fit``.
+
+With ``checkpoint_dir``, ``run`` and ``train`` save a checkpoint after every epoch (``EpochCheckpoint``) and, called
+again the same way after an interruption, resume after the last completed epoch (``read_checkpoint`` shows what a
+folder holds)::
+
+    result = training.run(models.lenet5, recipe, data, seed=0, checkpoint_dir="runs/x/checkpoint")
 """
 import dataclasses
 import math
+import numbers
 import time
 from typing import Optional
 
 import tensorflow as tf
 
-from bbits_tf import configs, graph
+from bbits_tf import checks, configs, graph
 from bbits_tf import data as data_lib
 from bbits_tf._keras import keras, tfmot
 from bbits_tf.bops import FLOAT_BITS, INPUT_BITS
+from bbits_tf.checkpoints import (WARMUP_PHASE, EpochCheckpoint, _as_json, _epoch_checkpoints,  # noqa: F401
+                                  config_differences, read_checkpoint)
 from bbits_tf.callbacks import (BayesianBitsSummaries, BitWidthHistory, BopsLogger, NonFiniteGuard,  # noqa: F401
                                 bayesian_bits_state)
 from bbits_tf.optimizers import GROUPS, ConstantThenLinearDecay, GroupedOptimizer, constant_then_linear_decay  # noqa: F401
@@ -26,6 +35,15 @@ from bbits_tf.summary import LayerProfile, ModelProfile, summary
 
 # ----------------------------------------------------------------------------------------------------------------
 # Recipes and methods
+
+
+def _check_int(name, value, minimum=None):
+    """``value`` if it is an int (NumPy ints too, not bools or floats such as 15.0); otherwise a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int. Received: {name}={value!r} of type {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}. Received: {name}={value!r}")
+    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,18 +83,37 @@ class Recipe:
     mask_bias: bool = True
 
     def __post_init__(self):
+        for name in ("epochs", "warmup_epochs", "batch_size"):
+            _check_int(name, getattr(self, name))
+        if self.decay_start is not None:
+            _check_int("decay_start", self.decay_start, minimum=0)
         if self.epochs < 1 or not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(
                 "`epochs` must be >= 1 and `warmup_epochs` in [0, epochs). "
                 f"Received: epochs={self.epochs}, warmup_epochs={self.warmup_epochs}"
             )
-        if self.batch_size < 1 or self.mu < 0:
-            raise ValueError(f"Need batch_size >= 1 and mu >= 0. Received: batch_size={self.batch_size}, mu={self.mu}")
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={self.batch_size}")
+        for name in ("mu", "lr_weights", "lr_ranges", "lr_gates", "lr_warmup"):
+            if name != "lr_warmup" or self.lr_warmup is not None:
+                checks.number(name, getattr(self, name), minimum=0)
+        checks.number("adam_epsilon", self.adam_epsilon, minimum=0, strict_minimum=True)
         if self.weight_schedule not in ("paper", "constant"):
             raise ValueError(f"`weight_schedule` must be 'paper' or 'constant'. Received: {self.weight_schedule!r}")
+        if isinstance(self.decay_groups, str):
+            raise TypeError(
+                f"`decay_groups` must be a tuple of group names. Received: decay_groups={self.decay_groups!r}")
         unknown = set(self.decay_groups) - set(GROUPS)
         if unknown:
             raise ValueError(f"`decay_groups` must be among {GROUPS}. Received: decay_groups={self.decay_groups!r}")
+        for name, kind in (("init_log_alpha", "numbers"), ("bit_widths", "ints")):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+                raise TypeError(f"`{name}` must be a tuple of {kind}. Received: {name}={value!r}")
+        checks.numbers_of_length("init_log_alpha", self.init_log_alpha, len(self.init_log_alpha))
+        for i, bits in enumerate(self.bit_widths):
+            _check_int(f"bit_widths[{i}]", bits, minimum=1)
+        checks.boolean("mask_bias", self.mask_bias)
 
     @property
     def quantized_epochs(self):
@@ -84,6 +121,11 @@ class Recipe:
 
     def replace(self, **changes):
         """A copy with ``changes`` applied; ``None`` values are ignored (handy for optional CLI flags)."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise ValueError(f"Unknown Recipe field(s) {unknown}. Expected some of {fields}. "
+                             f"Received: {', '.join(f'{k}={changes[k]!r}' for k in unknown)}")
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self):
@@ -125,6 +167,8 @@ def get_recipe(recipe="fast", **overrides):
         if recipe not in RECIPES:
             raise ValueError(f"Unknown recipe. Expected one of {sorted(RECIPES)}. Received: recipe={recipe!r}")
         recipe = RECIPES[recipe]
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"`recipe` must be a name in RECIPES or a Recipe. Received: recipe={recipe!r}")
     return recipe.replace(**overrides)
 
 
@@ -233,7 +277,7 @@ def _as_datasets(data, batch_size, test_batch_size, seed):
 
 def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch_size=1000, print_fn=print,
           log_dir=None, bit_width_every=None, relative_bops=None, epoch_offset=0, phase="train", total_epochs=None,
-          guard_non_finite=True):
+          guard_non_finite=True, checkpoint_dir=None, checkpoint_config=None, checkpoint_extra=None, resume=True):
     """Compiles ``model`` with the recipe's optimizer(s) and fits it for ``recipe.epochs`` epochs.
 
     Evaluates on the test set after every epoch (Keras progress bar, then ``BopsLogger``'s line), records the
@@ -256,9 +300,21 @@ def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch
         epoch_offset, phase, total_epochs: numbering and label of the epochs (see ``BopsLogger``).
         guard_non_finite: refuse non-finite training data and stop at the first NaN/Inf loss or variable
             (``NonFiniteGuard``), naming the layer and variable.
+        checkpoint_dir: save a checkpoint there after every epoch (``EpochCheckpoint``: model and optimizer
+            variables, ``BopsLogger``/``BitWidthHistory`` histories, the state of every callback with
+            ``get_state``/``set_state`` such as ``BopsBudget``) and, with ``resume``, continue from the newest one:
+            the fit starts at the epoch after it. ``None``: no checkpoints.
+        checkpoint_config: JSON-able description of the run, saved with each checkpoint; resuming from a checkpoint
+            with another one (or another phase, epoch count or set of stateful callbacks) is refused with the
+            differences. ``None``: ``{"recipe": recipe.to_dict()}``.
+        checkpoint_extra: a function without arguments whose JSON-able result is saved with each checkpoint
+            (``read_checkpoint(dir)["extra"]``).
+        resume: continue from a checkpoint in ``checkpoint_dir``; ``False`` starts afresh (later saves replace the
+            checkpoints there).
 
     Returns:
-        ``(keras History, BopsLogger, BitWidthHistory)``.
+        ``(keras History, BopsLogger, BitWidthHistory)``. After a resume the History holds the epochs of this call,
+        the BopsLogger and BitWidthHistory all epochs of the phase.
     """
     if recipe.warmup_epochs:
         raise ValueError(
@@ -285,8 +341,15 @@ def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch
         all_callbacks.append(BayesianBitsSummaries(log_dir))
         all_callbacks.append(keras.callbacks.TensorBoard(f"{log_dir}/{phase}", histogram_freq=0, profile_batch=0))
     all_callbacks.extend(callbacks)
-    history = model.fit(train_ds, epochs=recipe.epochs, validation_data=test_ds, callbacks=all_callbacks,
-                        verbose=verbose)
+    initial_epoch = 0
+    if checkpoint_dir is not None:
+        checkpointer, initial_epoch = _epoch_checkpoints(
+            model, recipe, logger, bit_widths, callbacks, checkpoint_dir=checkpoint_dir,
+            checkpoint_config=checkpoint_config, checkpoint_extra=checkpoint_extra, resume=resume, phase=phase,
+            epoch_offset=epoch_offset, total_epochs=total_epochs or recipe.epochs + epoch_offset, print_fn=print_fn)
+        all_callbacks.append(checkpointer)  # last: it saves what the others did with the epoch
+    history = model.fit(train_ds, epochs=recipe.epochs, initial_epoch=initial_epoch, validation_data=test_ds,
+                        callbacks=all_callbacks, verbose=verbose)
     return history, logger, bit_widths
 
 
@@ -301,7 +364,8 @@ class TrainingRun:
     bit_widths: list  # BitWidthHistory records of the quantized phase
     profile: ModelProfile
     test_accuracy: float
-    wall_time_s: float
+    wall_time_s: float  # training time, summed over the sessions of a resumed run
+    resumed_at: list = dataclasses.field(default_factory=list)  # completed epochs at each resume
 
     @property
     def relative_bops(self):
@@ -309,8 +373,16 @@ class TrainingRun:
 
 
 def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1, print_fn=print, log_dir=None,
-        bit_width_every=None, callbacks=(), guard_non_finite=True):
+        bit_width_every=None, callbacks=(), guard_non_finite=True, checkpoint_dir=None, checkpoint_config=None):
     """Float warm-up (if the recipe has one), ``build_method``, then ``train``: the whole experiment.
+
+    With ``checkpoint_dir`` it saves a checkpoint after every epoch of both phases and, called again with the same
+    arguments after an interruption (a kill, Ctrl-C, a crash), continues after the last completed epoch: a
+    completed warm-up is not repeated, the quantized phase goes on with its variables, optimizer state (each
+    group's Adam slots and iteration count, so the learning-rate schedule too), frozen gates and the state of
+    callbacks with ``get_state``/``set_state`` (``BopsBudget``'s controller). The history holds every epoch once.
+    A resumed run is not bit-identical to an uninterrupted one: the random streams of the gates and the order of
+    the training data restart at the resume. Without ``checkpoint_dir`` nothing changes.
 
     Args:
         model: the float model, or a function without arguments that builds it (needed with ``strategy``, whose
@@ -322,36 +394,62 @@ def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1
         seed: seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``) and the shuffling.
         strategy: a ``tf.distribute.Strategy`` or ``None``.
         verbose, print_fn, log_dir, bit_width_every, callbacks, guard_non_finite: passed to ``train``.
+        checkpoint_dir: folder for the checkpoints (``None``: none). A finished run's last checkpoint stays; calling
+            ``run`` again only rebuilds its result.
+        checkpoint_config: JSON-able data that, with ``method``, ``recipe`` and ``seed``, identifies the run (the data,
+            say); a checkpoint of a run that differs is refused with a ``ValueError`` that lists the differences.
 
     Returns:
         A ``TrainingRun``.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method. Expected one of {list(METHODS)}. Received: method={method!r}")
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"`recipe` must be a Recipe (see get_recipe). Received: recipe={recipe!r}")
+    start = time.time()
+    meta, resumed_at, prior_time, history = None, [], 0.0, []
+    config = _as_json({"method": method, "recipe": recipe.to_dict(), "seed": seed, **(checkpoint_config or {})})
+    if checkpoint_dir is not None:
+        meta = read_checkpoint(checkpoint_dir)
+        if meta is not None:
+            differences = config_differences(meta["config"], config)
+            if differences:
+                raise ValueError("`checkpoint_dir` holds a checkpoint of another run (checkpoint -> now: " +
+                                 "; ".join(differences) + "). Use another checkpoint_dir, or delete it to start "
+                                 f"afresh. Received: checkpoint_dir={str(checkpoint_dir)!r}")
+            extra = meta.get("extra") or {}
+            resumed_at = list(extra.get("resumed_at", [])) + [meta["completed_epochs"]]
+            prior_time = float(extra.get("wall_time_s", 0.0))
     if seed is not None:
         keras.utils.set_random_seed(seed)
     strategy = strategy or tf.distribute.get_strategy()
-    start = time.time()
+
+    def extra_state():
+        return {"history_before": history, "resumed_at": resumed_at, "wall_time_s": prior_time + time.time() - start}
+
     common = dict(verbose=verbose, seed=seed, print_fn=print_fn, log_dir=log_dir, callbacks=callbacks,
-                  total_epochs=recipe.epochs, guard_non_finite=guard_non_finite)
-    history = []
+                  total_epochs=recipe.epochs, guard_non_finite=guard_non_finite, checkpoint_dir=checkpoint_dir,
+                  checkpoint_config=config, checkpoint_extra=extra_state)
     with strategy.scope():
         float_model = model() if callable(model) and not isinstance(model, keras.Model) else model
     warmup = 0 if method == "float" else recipe.warmup_epochs
-    if warmup:
+    in_main_phase = meta is not None and meta["phase"] != WARMUP_PHASE
+    if warmup and not in_main_phase:
         warm = recipe.replace(epochs=warmup, warmup_epochs=0, weight_schedule="constant",
                               lr_weights=recipe.lr_warmup or recipe.lr_weights)
-        _, logger, _ = train(float_model, warm, data, relative_bops=100.0, phase="float_warmup", **common)
+        _, logger, _ = train(float_model, warm, data, relative_bops=100.0, phase=WARMUP_PHASE, **common)
         history += logger.history
+    elif in_main_phase:
+        history += meta["extra"]["history_before"]
     with strategy.scope():
         trained = build_method(method, float_model, recipe)
     main = recipe.replace(epochs=recipe.epochs - warmup, warmup_epochs=0)
     fixed = baseline_relative_bops(method, float_model) if method in BASELINES else None
     _, logger, bit_widths = train(trained, main, data, relative_bops=fixed, epoch_offset=warmup, phase=method,
-                                  bit_width_every=bit_width_every, **common)
+                                  bit_width_every=bit_width_every, resume=in_main_phase, **common)
     history += logger.history
     prof = profile(float_model if method in BASELINES else trained, method)
     return TrainingRun(model=trained, method=method, recipe=recipe, history=history,
                        bit_widths=bit_widths.history, profile=prof,
                        test_accuracy=float(history[-1].get("test_accuracy", float("nan"))),
-                       wall_time_s=time.time() - start)
+                       wall_time_s=prior_time + time.time() - start, resumed_at=resumed_at)

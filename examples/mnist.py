@@ -9,6 +9,23 @@ Writes to ``--output-dir`` (default ``runs/mnist-<method>-<seed>``): ``results.j
 per-layer bits and kept channels, wall time, settings, per-epoch history), the trained model (``model.h5``: ``with bbits_tf.quantize_scope(): keras.models.load_model(path)``; baselines load in
 ``tfmot.quantization.keras.quantize_scope()``), and the plots ``bops_accuracy.png``, ``bit_widths.png``
 (Bayesian Bits methods) and ``layers.png``.
+
+Interrupted runs resume: run the same command again. After every epoch (float warm-up and quantized phase) the run
+saves a checkpoint in ``<output-dir>/checkpoint/`` (model and optimizer variables, each Adam's slots and step count,
+frozen gates, BopsBudget's controller, the histories; written atomically, the last two kept) and rewrites
+``progress.json``. After a kill, Ctrl-C or crash, the same command continues after the last completed epoch, and
+``results.json`` holds every epoch once and lists the resumes in ``resumed_at_epochs``. A resumed run is not
+bit-identical to an uninterrupted one: the gates' random draws and the order of the training data restart at the
+resume. When the run has finished (results, model, plots, export written), the checkpoint is deleted.
+
+One folder holds one run. A command whose run options differ from those of the run already in the folder,
+interrupted or finished (the resolved recipe, --method, --seed, the data options, --bit-width-every, --budget-bops,
+--export), is refused with the differences, and the folder is left alone; ``--overwrite`` first deletes that run's
+files (``results.json``, ``progress.json``, ``model.h5``, ``model.tflite``, ``model_data.cc/.h``, the three plots,
+``checkpoint/``; nothing else). Files of a run without a finished results.json or a checkpoint are refused the same
+way. The identical command on a finished folder prints its result and exits without training. --output-dir,
+--log-dir, --verbose, --threads and --deterministic are not run options (a run may resume with other threads).
+Invalid options and missing data stop the script (status 2) before it creates the folder.
 """
 import argparse
 import json
@@ -16,6 +33,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,9 +48,14 @@ from bbits_tf import models, training  # noqa: E402
 from bbits_tf._keras import keras  # noqa: E402
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def make_parser():
+    docstring_lines = __doc__.splitlines()
+    epilog = "\n".join(docstring_lines[docstring_lines.index("") + 1:]).replace("``", "")
+    parser = argparse.ArgumentParser(description=docstring_lines[0], epilog=epilog, formatter_class=_HelpFormatter)
     parser.add_argument("--recipe", choices=sorted(training.RECIPES), default="fast", help="training recipe")
     parser.add_argument("--method", choices=training.METHODS, default="bb",
                         help="Bayesian Bits (bb), an ablation, or a fixed-bit baseline")
@@ -49,7 +72,12 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", help="folder with the 4 MNIST-format IDX files (default: the shipped MNIST)")
     parser.add_argument("--tfds", action="store_true", help="load MNIST through tensorflow_datasets instead")
     parser.add_argument("--train-limit", type=int, help="train on the first N training images only")
-    parser.add_argument("--output-dir", help="where results go (default: runs/mnist-<method>-<seed>)")
+    parser.add_argument("--test-limit", type=int, help="evaluate on the first N test images only (smoke runs)")
+    parser.add_argument("--output-dir", help="where results go (default: runs/mnist-<method>-<seed>); an interrupted "
+                        "run there resumes with the same command")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the files of the run already in --output-dir (finished or interrupted) and "
+                             "start afresh (otherwise a command with other run options is refused)")
     parser.add_argument("--log-dir", help="TensorBoard log folder (default: none)")
     parser.add_argument("--bit-width-every", type=int, default=50,
                         help="also record the bit widths every N steps (for bit_widths.png); 0: per epoch only")
@@ -64,6 +92,11 @@ def parse_args(argv=None):
     parser.add_argument("--budget-bops", type=float, metavar="PERCENT",
                         help="land on this relative BOPs (%% of FP32) with bbits_tf.budget.BopsBudget, which adapts mu "
                              "during training (Bayesian Bits methods)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
@@ -71,7 +104,7 @@ def parse_args(argv=None):
 
 def check_args(parser, args):
     """Rejects option values that would silently run something else (``parser.error`` exits with status 2)."""
-    for name in ("epochs", "batch_size", "train_limit", "threads"):
+    for name in ("epochs", "batch_size", "train_limit", "test_limit", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1. Received: {value}")
@@ -91,6 +124,10 @@ def check_args(parser, args):
                          f"Received: --method {args.method}")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         parser.error(f"--data-dir must be an existing folder with the 4 MNIST IDX files. Received: {args.data_dir}")
+    try:
+        make_recipe(args, print_fn=None)
+    except (TypeError, ValueError) as error:  # e.g. --decay-groups biases
+        parser.error(str(error))
 
 
 def environment(args):
@@ -114,12 +151,13 @@ def environment(args):
     }
 
 
-def make_recipe(args):
+def make_recipe(args, print_fn=print):
     recipe = training.RECIPES[args.recipe]
     epochs = args.epochs or recipe.epochs
     warmup = recipe.warmup_epochs if args.warmup_epochs is None else args.warmup_epochs
     if warmup >= epochs:
-        print(f"note: {warmup} warm-up epoch(s) do not fit in {epochs} epoch(s); warming up for {epochs - 1}")
+        if print_fn is not None:
+            print_fn(f"note: {warmup} warm-up epoch(s) do not fit in {epochs} epoch(s); warming up for {epochs - 1}")
         warmup = epochs - 1
     return training.get_recipe(recipe, epochs=epochs, warmup_epochs=warmup, mu=args.mu, batch_size=args.batch_size,
                                lr_weights=args.lr, lr_ranges=args.range_lr, lr_gates=args.gate_lr,
@@ -141,6 +179,12 @@ class ProgressWriter(keras.callbacks.Callback):
         tmp.write_text(json.dumps({"settings": self.settings, "completed_epochs": len(self.epochs),
                                    "epochs": self.epochs}, indent=1))
         tmp.replace(self.path)
+
+    def get_state(self):  # kept in the checkpoints (training.run), so that a resumed run lists every epoch once
+        return {"epochs": self.epochs}
+
+    def set_state(self, state):
+        self.epochs = [dict(entry) for entry in state["epochs"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,8 +282,102 @@ def layer_rows(profile):
 
 
 def write_results(results, output_dir):
-    with open(output_dir / "results.json", "w") as f:
+    """Writes results.json atomically (a kill during the write leaves the previous file)."""
+    tmp = output_dir / "results.json.tmp"
+    with open(tmp, "w") as f:
         json.dump(results, f, indent=1, default=float)
+    tmp.replace(output_dir / "results.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output folder: one run per folder, resumed, finished or refused
+
+CHECKPOINT_DIR = "checkpoint"
+# Options that do not change what a run computes: a run may resume with other values.
+NOT_RUN_OPTIONS = ("output_dir", "log_dir", "verbose", "threads", "deterministic", "overwrite")
+# Options that make the recipe: compared through the resolved recipe (``--epochs 15`` is the fast recipe's default).
+RECIPE_OPTIONS = ("recipe", "epochs", "warmup_epochs", "mu", "batch_size", "lr", "range_lr", "gate_lr", "decay_groups")
+# The files of a run: ``--overwrite`` deletes these, and nothing else.
+RUN_FILES = ("results.json", "results.json.tmp", "progress.json", "progress.tmp", "model.h5", "model.tflite",
+             "model_data.cc", "model_data.h", "bops_accuracy.png", "bit_widths.png", "layers.png", CHECKPOINT_DIR)
+
+
+def run_options(args, recipe):
+    """What defines the run in ``--output-dir``: the resolved recipe and the other options that change the
+    results, as JSON data (saved in results.json and in the checkpoints)."""
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_OPTIONS + RECIPE_OPTIONS}
+    options["recipe"] = recipe.to_dict()
+    return json.loads(json.dumps(options))
+
+
+def saved_run_options(results):
+    """``run_options`` of a results.json (rebuilt from its args and recipe if it predates ``run_options``)."""
+    settings = results.get("settings") or {}
+    if "run_options" in settings:
+        return settings["run_options"]
+    args = argparse.Namespace(**{**vars(make_parser().parse_args([])), **(settings.get("args") or {})})
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_OPTIONS + RECIPE_OPTIONS}
+    options["recipe"] = settings.get("recipe")
+    return json.loads(json.dumps(options))
+
+
+def fail(message):
+    """Exits like ``argparse``'s ``parser.error`` (status 2) before anything is written."""
+    print(f"{Path(sys.argv[0]).name or 'mnist.py'}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _refuse(what, differences):
+    lines = "\n".join(f"  {line}" for line in differences)
+    fail(f"{what}; its run options differ from this command's (folder -> this command):\n{lines}\n"
+         "Use another --output-dir, or --overwrite to delete that run's files and start this one.")
+
+
+def inspect_output_dir(output_dir, options, overwrite=False):
+    """``("new" | "resume" | "finished", data)`` for ``output_dir``: the results of a finished run with the same
+    options, the checkpoint state of an interrupted one; exits (``fail``) if the folder holds another run."""
+    if overwrite:
+        return "new", None
+    results_path, checkpoint_dir = output_dir / "results.json", output_dir / CHECKPOINT_DIR
+    results = None
+    if results_path.exists():
+        try:
+            results = json.loads(results_path.read_text())
+        except (OSError, ValueError):
+            results = None
+    if results is not None and results.get("complete", True):  # results.json of older versions: finished
+        differences = training.config_differences(saved_run_options(results), options)
+        if differences:
+            _refuse(f"{output_dir} holds a finished run", differences)
+        return "finished", results
+    meta = training.read_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
+    if meta is not None:
+        differences = training.config_differences((meta.get("config") or {}).get("run_options"), options)
+        if differences:
+            _refuse(f"{output_dir} holds an interrupted run ({meta['completed_epochs']} of {meta['total_epochs']} "
+                    "epochs done; the same command resumes it)", differences)
+        return "resume", meta
+    leftovers = [name for name in RUN_FILES if (output_dir / name).exists()
+                 and name not in ("progress.json", "progress.tmp", CHECKPOINT_DIR)]
+    if leftovers:  # (a progress.json alone is a run stopped before its first checkpoint: rewritten as we go)
+        fail(f"{output_dir} holds files of another run ({', '.join(leftovers)}) but no finished results.json and no "
+             "checkpoint to resume. Use another --output-dir, or --overwrite to delete that run's files.")
+    return "new", None
+
+
+def clear_run_files(output_dir):
+    """Deletes the files of a run (``RUN_FILES``) from ``output_dir``; returns their names."""
+    removed = []
+    for name in RUN_FILES:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def main(argv=None):
@@ -252,25 +390,49 @@ def main(argv=None):
         tf.config.experimental.enable_op_determinism()
     recipe = make_recipe(args)
     output_dir = Path(args.output_dir or f"runs/mnist-{args.method}-{args.seed}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    data = data_lib.load_mnist(args.data_dir, source="tfds" if args.tfds else "idx", train_limit=args.train_limit)
+    options = run_options(args, recipe)
+    state, found = inspect_output_dir(output_dir, options, args.overwrite)
+    if state == "finished":
+        print(f"{output_dir} holds this run, finished: test accuracy {100 * found['test_accuracy']:.2f}%, relative "
+              f"BOPs {found['relative_bops']:.3f}%. Nothing to do (--overwrite runs it again).")
+        return found
+    try:
+        data = data_lib.load_mnist(args.data_dir, source="tfds" if args.tfds else "idx", train_limit=args.train_limit)
+    except (ValueError, OSError, ImportError) as error:
+        fail(f"cannot load MNIST: {error}")
+    if args.test_limit:
+        (x_test, y_test) = data[1]
+        data = (data[0], (x_test[:args.test_limit], y_test[:args.test_limit]))
     (x_train, _), (x_test, _) = data
     print(f"MNIST: {len(x_train)} training, {len(x_test)} test images; method {args.method}; recipe {args.recipe}: "
           f"{recipe}")
 
     env = environment(args)
-    progress = ProgressWriter(output_dir / "progress.json",
-                              {"args": vars(args), "recipe": recipe.to_dict(), "total_epochs": recipe.epochs,
-                               "environment": env})
-    callbacks = [progress]
     budget = None
     if args.budget_bops is not None:
         from bbits_tf.budget import BopsBudget
 
         budget = BopsBudget(args.budget_bops, print_fn=print)
-        callbacks.append(budget)
-    result = training.run(models.lenet5, recipe, data, method=args.method, seed=args.seed, verbose=args.verbose,
-                          log_dir=args.log_dir, bit_width_every=args.bit_width_every or None, callbacks=callbacks)
+    if args.overwrite:
+        removed = clear_run_files(output_dir) if output_dir.is_dir() else []
+        if removed:
+            print(f"--overwrite: deleted {', '.join(removed)} from {output_dir}")
+    output_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad option or missing data leaves no folder
+    progress = ProgressWriter(output_dir / "progress.json",
+                              {"args": vars(args), "recipe": recipe.to_dict(), "total_epochs": recipe.epochs,
+                               "environment": env, "run_options": options})
+    callbacks = [progress] + ([budget] if budget is not None else [])
+    checkpoint_dir = output_dir / CHECKPOINT_DIR
+    try:
+        result = training.run(models.lenet5, recipe, data, method=args.method, seed=args.seed, verbose=args.verbose,
+                              log_dir=args.log_dir, bit_width_every=args.bit_width_every or None, callbacks=callbacks,
+                              checkpoint_dir=checkpoint_dir, checkpoint_config={"run_options": options})
+    except KeyboardInterrupt:
+        meta = training.read_checkpoint(checkpoint_dir)
+        done = f"{meta['completed_epochs']} of {meta['total_epochs']} epochs are" if meta else "no epoch is"
+        print(f"\ninterrupted: {done} checkpointed in {checkpoint_dir}; the same command resumes the run",
+              file=sys.stderr)
+        raise
     print(bbits_tf.format_summary(result.profile))
     warmup = 0 if args.method == "float" else recipe.warmup_epochs
 
@@ -290,11 +452,14 @@ def main(argv=None):
         "total_wall_time_s": time.time() - start,
         "epochs": recipe.epochs,
         "warmup_epochs": warmup,
+        "complete": False,  # True once the model (and the export) are written too
+        "resumed_at_epochs": result.resumed_at,
         "settings": {
             "command_line": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
             "args": vars(args),
             "recipe_name": args.recipe,
             "recipe": recipe.to_dict(),
+            "run_options": options,
             "seed": args.seed,
             "train_images": len(x_train),
             "test_images": len(x_test),
@@ -315,7 +480,9 @@ def main(argv=None):
     result.model.save(model_path, include_optimizer=False)
     if args.export:
         results["tflite"] = export_tflite(result.model, output_dir, data)
-        write_results(results, output_dir)
+    results["complete"] = True
+    write_results(results, output_dir)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: results.json now says so
     print(f"test accuracy {100 * result.test_accuracy:.2f}%, relative BOPs {result.profile.relative_bops:.3f}% "
           f"(expected {result.profile.expected_relative_bops:.3f}%), {result.wall_time_s:.0f} s; "
           f"results in {output_dir}")

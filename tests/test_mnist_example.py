@@ -69,3 +69,151 @@ def test_smoke_run_writes_plots_and_a_model_that_reloads(smoke_run):
         model = keras.models.load_model(output_dir / "model.h5", compile=False)
     results = json.loads((output_dir / "results.json").read_text())
     assert bbits_tf.summary(model).relative_bops == pytest.approx(results["relative_bops"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interrupted runs resume; one folder holds one run (in this process: main() itself)
+
+
+@pytest.fixture(scope="module")
+def mnist_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mnist_example", ROOT / "examples" / "mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_args(output_dir, *more):
+    return ["--epochs", "3", "--train-limit", "512", "--test-limit", "500", "--no-export", "--verbose", "0",
+            "--bit-width-every", "0", "--output-dir", str(output_dir), *more]
+
+
+def _interrupt_after_saves(monkeypatch, n):
+    from bbits_tf import training
+
+    save, count = training.EpochCheckpoint.on_epoch_end, [0]
+
+    def on_epoch_end(checkpointer, epoch, logs=None):
+        save(checkpointer, epoch, logs)
+        count[0] += 1
+        if count[0] == n:
+            raise KeyboardInterrupt  # a kill right after the n-th checkpoint
+
+    monkeypatch.setattr(training.EpochCheckpoint, "on_epoch_end", on_epoch_end)
+
+
+def test_an_interrupted_run_resumes_with_the_same_command(mnist_example, tmp_path, monkeypatch, capsys):
+    from bbits_tf import training
+
+    output_dir = tmp_path / "run"
+    _interrupt_after_saves(monkeypatch, 2)  # the float warm-up epoch and the first quantized epoch
+    with pytest.raises(KeyboardInterrupt):
+        mnist_example.main(_tiny_args(output_dir))
+    monkeypatch.undo()
+    assert "2 of 3 epochs are checkpointed" in capsys.readouterr().err
+    assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint", "progress.json"]
+    assert json.loads((output_dir / "progress.json").read_text())["completed_epochs"] == 2
+
+    # Another command into the interrupted run's folder: refused, with the difference, and nothing changes.
+    with pytest.raises(SystemExit) as exit_info:
+        mnist_example.main(_tiny_args(output_dir, "--mu", "0.2"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds an interrupted run (2 of 3 epochs done" in err and "recipe.mu: 0.1 -> 0.2" in err
+    assert training.read_checkpoint(output_dir / "checkpoint")["completed_epochs"] == 2
+
+    results = mnist_example.main(_tiny_args(output_dir, "--verbose", "2"))  # not a run option
+    out = capsys.readouterr().out
+    assert "resuming bb from" in out and "epoch 2 of 3 done" in out
+    assert "epoch 3/3 - test accuracy" in out and "epoch 2/3 - test" not in out  # only the missing epoch
+    assert [(h["epoch"], h["phase"]) for h in results["history"]] == [(1, "float_warmup"), (2, "bb"), (3, "bb")]
+    assert results["resumed_at_epochs"] == [2] and results["complete"] is True
+    saved = json.loads((output_dir / "results.json").read_text())
+    assert saved["history"] == results["history"] and saved["settings"]["run_options"]["recipe"]["epochs"] == 3
+    progress = json.loads((output_dir / "progress.json").read_text())
+    assert [e["epoch"] for e in progress["epochs"]] == [1, 2, 3]
+    assert [e["test_accuracy"] for e in progress["epochs"]] == pytest.approx(
+        [h["test_accuracy"] for h in results["history"]])
+    assert not (output_dir / "checkpoint").exists()  # finished: the checkpoint is gone
+    assert (output_dir / "model.h5").exists() and (output_dir / "bops_accuracy.png").exists()
+
+    # The identical command on the finished folder: nothing to do.
+    monkeypatch.setattr(training, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = mnist_example.main(_tiny_args(output_dir))
+    assert again == saved and "Nothing to do" in capsys.readouterr().out
+
+
+def test_a_finished_folder_refuses_another_run_unless_overwrite(mnist_example, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    mnist_example.main(_tiny_args(output_dir, "--epochs", "1"))
+    (output_dir / "model.tflite").write_bytes(b"from an older run")  # e.g. a run with --export
+    (output_dir / "notes.txt").write_text("the user's own file")
+    before = (output_dir / "results.json").read_bytes()
+    capsys.readouterr()
+    for other in (["--method", "tfmot_w8a8"], ["--seed", "1"], ["--export"], ["--train-limit", "256"]):
+        with pytest.raises(SystemExit) as exit_info:
+            mnist_example.main(_tiny_args(output_dir, "--epochs", "1", *other))
+        assert exit_info.value.code == 2
+        assert "holds a finished run" in capsys.readouterr().err
+    assert (output_dir / "results.json").read_bytes() == before
+    # Options that resolve to the same recipe are the same run (the fast recipe's warm-up does not fit in 1 epoch).
+    assert mnist_example.main(_tiny_args(output_dir, "--epochs", "1", "--warmup-epochs", "0")) == json.loads(before)
+
+    second = mnist_example.main(_tiny_args(output_dir, "--epochs", "1", "--method", "tfmot_w8a8", "--overwrite"))
+    out = capsys.readouterr().out
+    assert "--overwrite: deleted results.json, progress.json, model.h5, model.tflite" in out
+    assert second["method"] == "tfmot_w8a8" and second["relative_bops"] == pytest.approx(6.25)
+    assert not (output_dir / "model.tflite").exists()  # no file of the old run is left beside the new results
+    assert not (output_dir / "bit_widths.png").exists()  # (a baseline has no bit-width plot)
+    assert (output_dir / "notes.txt").read_text() == "the user's own file"
+    assert json.loads((output_dir / "results.json").read_text())["method"] == "tfmot_w8a8"
+
+
+def test_results_of_an_older_version_count_as_a_finished_run(mnist_example, tmp_path, capsys):
+    output_dir = tmp_path / "old"
+    output_dir.mkdir()
+    command = ["--epochs", "3", "--train-limit", "512", "--no-export", "--output-dir", str(output_dir)]
+    args = mnist_example.parse_args(command)
+    old_args = {k: v for k, v in vars(args).items() if k not in ("test_limit", "overwrite")}  # options it lacked
+    recipe = mnist_example.make_recipe(args).to_dict()
+    (output_dir / "results.json").write_text(json.dumps({"test_accuracy": 0.5, "relative_bops": 6.25,
+                                                         "settings": {"args": old_args, "recipe": recipe}}))
+    assert mnist_example.main(command)["test_accuracy"] == 0.5
+    for other, difference in ((["--seed", "4"], "seed: 0 -> 4"), (["--test-limit", "500"], "test_limit: None -> 500"),
+                              (["--mu", "0.3"], "recipe.mu: 0.1 -> 0.3")):
+        with pytest.raises(SystemExit):
+            mnist_example.main(command + other)
+        assert difference in capsys.readouterr().err
+
+
+def test_files_of_an_unknown_run_without_results_or_checkpoint_are_refused(mnist_example, tmp_path, capsys):
+    output_dir = tmp_path / "stale"
+    output_dir.mkdir()
+    (output_dir / "model.tflite").write_bytes(b"from a run that never wrote results.json")
+    (output_dir / "layers.png").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        mnist_example.main(_tiny_args(output_dir))
+    assert exit_info.value.code == 2
+    assert "holds files of another run (model.tflite, layers.png)" in capsys.readouterr().err
+    assert sorted(p.name for p in output_dir.iterdir()) == ["layers.png", "model.tflite"]
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--decay-groups", "biases"], "`decay_groups` must be among"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--test-limit", "0"], "--test-limit must be >= 1"),
+    (["--budget-bops", "200"], "--budget-bops must be in (0, 100]"),
+    (["--data-dir", "EMPTY"], "cannot load MNIST"),
+])
+def test_invalid_options_exit_before_creating_the_output_folder(mnist_example, tmp_path, capsys, options, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    options = [str(empty) if o == "EMPTY" else o for o in options]
+    output_dir = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        mnist_example.main(["--output-dir", str(output_dir), *options])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not output_dir.exists()

@@ -391,3 +391,198 @@ def test_mirrored_strategy_counts_the_regularizer_once():
     assert out["variable_kinds"] == ["MirroredVariable"]
     assert out["replicas_in_sync"]
     assert np.isfinite(out["run_losses"][0]) and out["run_accuracy"] > 0.2  # 16 steps; chance is 0.1
+
+
+# --- checkpoints and resuming -------------------------------------------------------------------------------------
+
+class _StopAfterSaves:
+    """Makes ``EpochCheckpoint`` raise KeyboardInterrupt right after its ``n``-th save: a kill between epochs."""
+
+    def __init__(self, monkeypatch, n):
+        self.n, self.saves = n, 0
+        save = training.EpochCheckpoint.on_epoch_end
+
+        def on_epoch_end(checkpointer, epoch, logs=None):
+            save(checkpointer, epoch, logs)
+            self.saves += 1
+            if self.saves == self.n:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(training.EpochCheckpoint, "on_epoch_end", on_epoch_end)
+
+
+class _GateWatch(keras.callbacks.Callback):
+    """Records the gates of a Bayesian Bits model at the start and the end of each fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.begin, self.end = None, None
+
+    def on_train_begin(self, logs=None):
+        if bbits_tf.bayesian_bits_quantizers(self.model):
+            self.begin = snapshot(bbits_tf.variable_groups(self.model)["gates"])
+
+    def on_train_end(self, logs=None):
+        if bbits_tf.bayesian_bits_quantizers(self.model):
+            self.end = snapshot(bbits_tf.variable_groups(self.model)["gates"])
+
+
+# 1 float warm-up epoch + 3 quantized epochs of 4 steps; decay_start=0: the weights' learning rate is 1, 2/3, 1/3 of
+# 1e-3 in the quantized epochs (it only reaches 1/3 if the optimizer's step count survives the resume).
+RESUME_RECIPE = training.Recipe(epochs=4, warmup_epochs=1, batch_size=64, lr_gates=1e-2, decay_start=0)
+
+
+def _budget_that_freezes():
+    from bbits_tf.budget import BopsBudget
+
+    # Target = the 8-bit start (6.25 %), no ramp: the first update freezes the gates (step 6: its step count includes
+    # the 4 warm-up steps).
+    return BopsBudget(6.25, every_n_steps=2, ramp_fraction=0.0, freeze_band=0.05)
+
+
+def test_run_resumes_after_an_interruption(small_data, tmp_path, monkeypatch):
+    (x, y), test = small_data
+    data = ((x, y), test)
+    stop = _StopAfterSaves(monkeypatch, 3)  # after epoch 3: the warm-up and 2 quantized epochs
+    budget = _budget_that_freezes()
+    with pytest.raises(KeyboardInterrupt):
+        training.run(tiny_model, RESUME_RECIPE, data, seed=0, verbose=0, print_fn=None, callbacks=[budget],
+                     checkpoint_dir=tmp_path)
+    assert stop.saves == 3
+    meta = training.read_checkpoint(tmp_path)
+    assert (meta["phase"], meta["epoch"], meta["completed_epochs"], meta["total_epochs"]) == ("bb", 2, 3, 4)
+    assert [h["epoch"] for h in meta["extra"]["history_before"] + meta["history"]] == [1, 2, 3]
+    assert budget.frozen_at_step == 6 and budget._step == 4 + 8  # pylint: disable=protected-access
+    interrupted_budget = budget.get_state()
+
+    monkeypatch.undo()
+    budget = _budget_that_freezes()
+    gates = _GateWatch()
+    lines = []
+    result = training.run(tiny_model, RESUME_RECIPE, data, seed=0, verbose=0, print_fn=lines.append,
+                          callbacks=[budget, gates], checkpoint_dir=tmp_path)
+    assert lines[0] == f"resuming bb from {tmp_path / 'ckpt-3'}: epoch 3 of 4 done"
+    assert [line[:9] for line in lines[1:]] == ["epoch 4/4"]  # only the missing epoch is trained
+    # Every epoch once, the first three as the interrupted run logged them.
+    assert [(h["epoch"], h["phase"]) for h in result.history] == [(1, "float_warmup"), (2, "bb"), (3, "bb"), (4, "bb")]
+    assert result.history[:3] == meta["extra"]["history_before"] + meta["history"]
+    assert result.resumed_at == [3]
+    # The optimizer state: each group's Adam went on counting (12 quantized steps), so the schedule is at its third
+    # quantized epoch (1/3), and the gates stay frozen (BopsBudget does not freeze them again: its state says frozen).
+    optimizer = result.model.optimizer
+    assert int(optimizer.iterations.numpy()) == 12
+    assert {g: int(o.iterations.numpy()) for g, o in optimizer.optimizers.items()} == {g: 12 for g in training.GROUPS}
+    assert result.history[-1]["lr_weights"] == pytest.approx(1e-3 / 3)
+    assert result.history[-1]["lr_gates"] == 0.0 and optimizer.frozen_groups() == ["gates"]
+    for before, after in zip(gates.begin, gates.end):
+        np.testing.assert_array_equal(before, after)
+    # BopsBudget's state went on from the checkpoint.
+    assert budget.frozen_at_step == 6 and budget._step == 4 + 12  # pylint: disable=protected-access
+    assert budget.history == interrupted_budget["history"]  # frozen: no update since
+    # BitWidthHistory: the start of the quantized phase and 3 epoch ends, each once.
+    assert [r["epoch"] for r in result.bit_widths] == [0.0, 1.0, 2.0, 3.0]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-3.data-00000-of-00001", "ckpt-3.index",
+                                            "ckpt-4.data-00000-of-00001", "ckpt-4.index"]
+
+    # Calling it again on the finished checkpoint trains nothing and gives the same result.
+    again = training.run(tiny_model, RESUME_RECIPE, data, seed=0, verbose=0, print_fn=None,
+                         callbacks=[_budget_that_freezes()], checkpoint_dir=tmp_path)
+    assert again.history == result.history and again.resumed_at == [3, 4]
+    assert int(again.model.optimizer.iterations.numpy()) == 12
+    # Another run into the same folder is refused, naming the difference.
+    with pytest.raises(ValueError, match=r"recipe\.mu: 0\.1 -> 0\.2"):
+        training.run(tiny_model, RESUME_RECIPE.replace(mu=0.2), data, seed=0, verbose=0, print_fn=None,
+                     callbacks=[_budget_that_freezes()], checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="callbacks with state"):
+        training.run(tiny_model, RESUME_RECIPE, data, seed=0, verbose=0, print_fn=None, checkpoint_dir=tmp_path)
+
+
+def test_run_resumes_inside_the_warmup_and_after_it(small_data, tmp_path, monkeypatch):
+    recipe = training.Recipe(epochs=3, warmup_epochs=2, batch_size=64)
+    for saves, resumed_phase in ((1, "float_warmup"), (2, "float_warmup")):
+        folder = tmp_path / str(saves)
+        _StopAfterSaves(monkeypatch, saves)
+        with pytest.raises(KeyboardInterrupt):
+            training.run(tiny_model, recipe, small_data, seed=0, verbose=0, print_fn=None, checkpoint_dir=folder)
+        monkeypatch.undo()
+        assert training.read_checkpoint(folder)["phase"] == resumed_phase
+        lines = []
+        result = training.run(tiny_model, recipe, small_data, seed=0, verbose=0, print_fn=lines.append,
+                               checkpoint_dir=folder)
+        assert lines[0].startswith(f"resuming float_warmup from {folder / f'ckpt-{saves}'}: epoch {saves} of 3 done")
+        assert [(h["epoch"], h["phase"]) for h in result.history] == [(1, "float_warmup"), (2, "float_warmup"),
+                                                                       (3, "bb")]
+        assert result.resumed_at == [saves]
+        # The quantized phase starts afresh after a finished warm-up: 4 steps.
+        assert int(result.model.optimizer.iterations.numpy()) == 4
+
+
+def test_checkpoints_leave_an_uninterrupted_run_unchanged(small_data, tmp_path):
+    recipe = training.Recipe(epochs=3, warmup_epochs=1, batch_size=64, lr_gates=1e-2)
+    plain = training.run(tiny_model, recipe, small_data, seed=3, verbose=0, print_fn=None)
+    saved = training.run(tiny_model, recipe, small_data, seed=3, verbose=0, print_fn=None, checkpoint_dir=tmp_path)
+    assert saved.history == plain.history and saved.bit_widths == plain.bit_widths and saved.resumed_at == []
+    for a, b in zip(plain.model.weights, saved.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_train_resumes_its_phase_and_refuses_another(small_data, tmp_path, monkeypatch):
+    recipe = training.Recipe(epochs=3, batch_size=64)
+    _StopAfterSaves(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(quantized_tiny(), recipe, small_data, verbose=0, print_fn=None, checkpoint_dir=tmp_path)
+    monkeypatch.undo()
+    history, logger, bit_widths = training.train(quantized_tiny(), recipe, small_data, verbose=0, print_fn=None,
+                                                 checkpoint_dir=tmp_path)
+    assert len(history.history["loss"]) == 2  # this call trained epochs 2 and 3
+    assert [h["epoch"] for h in logger.history] == [1, 2, 3]
+    assert [r["epoch"] for r in bit_widths.history] == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="not of this phase 'bb'"):
+        training.train(quantized_tiny(), recipe, small_data, verbose=0, print_fn=None, checkpoint_dir=tmp_path,
+                       phase="bb")
+    with pytest.raises(ValueError, match="epochs of the phase: 3 -> 4"):
+        training.train(quantized_tiny(), recipe.replace(epochs=4), small_data, verbose=0, print_fn=None,
+                       checkpoint_dir=tmp_path)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(small_data, tmp_path, monkeypatch):
+    recipe = training.Recipe(epochs=3, batch_size=64)
+    _StopAfterSaves(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(quantized_tiny(), recipe, small_data, verbose=0, print_fn=None, checkpoint_dir=tmp_path)
+    monkeypatch.undo()
+    data_file = tmp_path / "ckpt-2.data-00000-of-00001"
+    data_file.write_bytes(data_file.read_bytes()[:100])  # a save cut short (without the index update's guard)
+    (tmp_path / "ckpt-3_temp").mkdir()  # what a kill during a save leaves behind
+    with pytest.warns(UserWarning, match="unreadable checkpoint .*ckpt-2"):
+        meta = training.read_checkpoint(tmp_path)
+    assert meta["epoch"] == 1 and meta["path"] == str(tmp_path / "ckpt-1")
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        _, logger, _ = training.train(quantized_tiny(), recipe, small_data, verbose=0, print_fn=None,
+                                      checkpoint_dir=tmp_path)
+    assert [h["epoch"] for h in logger.history] == [1, 2, 3]
+    assert training.read_checkpoint(tmp_path)["epoch"] == 3
+    assert not (tmp_path / "ckpt-3_temp").exists()
+    assert training.read_checkpoint(tmp_path / "nothing") is None
+
+
+def test_recipe_rejects_non_finite_and_mistyped_values():
+    for field, value, error in (("mu", float("nan"), ValueError), ("mu", "0.1", TypeError),
+                                ("lr_weights", float("inf"), ValueError), ("lr_gates", -1e-3, ValueError),
+                                ("lr_ranges", "1e-3", TypeError), ("lr_warmup", float("nan"), ValueError),
+                                ("epochs", 15.0, TypeError), ("epochs", "15", TypeError), ("epochs", True, TypeError),
+                                ("warmup_epochs", 1.5, TypeError), ("batch_size", "128", TypeError),
+                                ("decay_start", 2.0, TypeError), ("adam_epsilon", 0.0, ValueError),
+                                ("init_log_alpha", (6.0, "6", -6.0, -6.0), TypeError),
+                                ("init_log_alpha", (6.0, float("nan"), -6.0, -6.0), ValueError),
+                                ("bit_widths", (2, 4.0), TypeError), ("decay_groups", "weights", TypeError),
+                                ("mask_bias", "yes", TypeError)):
+        with pytest.raises(error, match=rf"{field}(\[\d\])?="):
+            training.get_recipe("fast", **{field: value})
+    with pytest.raises(ValueError, match="Unknown Recipe field.*'lr'.*Received: lr=0.1"):
+        training.get_recipe("fast", lr=0.1)
+    with pytest.raises(TypeError, match="recipe="):
+        training.get_recipe({"epochs": 3})
+    # NumPy numbers are numbers.
+    recipe = training.get_recipe("fast", epochs=np.int64(3), mu=np.float32(0.5))
+    assert (recipe.epochs, recipe.mu) == (3, 0.5)
