@@ -1,6 +1,5 @@
 """BOP-budget targeting: a callback that adapts ``mu`` during training to end near a relative-BOP budget."""
 import math
-import numbers
 import warnings
 
 import numpy as np
@@ -10,12 +9,6 @@ from bbits_tf import gates as gates_lib
 from bbits_tf._keras import keras
 from bbits_tf.bops import relative_bops as _relative_bops
 from bbits_tf.quantize import bayesian_bits_quantizers, get_mu, set_mu
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int. Received: {name}={value!r}")
-    return int(value)
 
 
 class BopsBudget(keras.callbacks.Callback):
@@ -84,7 +77,7 @@ class BopsBudget(keras.callbacks.Callback):
         if signal not in ("expected", "deterministic", "projected"):
             raise ValueError(
                 f"`signal` must be 'expected', 'deterministic' or 'projected'. Received: signal={signal!r}")
-        every_n_steps = _positive_int("every_n_steps", every_n_steps)
+        every_n_steps = checks.integer("every_n_steps", every_n_steps, minimum=1)
         kp, ki = checks.number("kp", kp, minimum=0), checks.number("ki", ki, minimum=0)
         integral_band = checks.number("integral_band", integral_band, minimum=0, strict_minimum=True)
         shrink_tolerance = checks.number("shrink_tolerance", shrink_tolerance, minimum=0)

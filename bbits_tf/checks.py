@@ -21,6 +21,15 @@ def number(name, value, *, minimum=None, maximum=None, strict_minimum=False):
     return value
 
 
+def integer(name, value, *, minimum=None):
+    """``value`` as an int if it is one (NumPy ints too; not bools, not floats such as 15.0); otherwise an error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int. Received: {name}={value!r} of type {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}. Received: {name}={value!r}")
+    return int(value)
+
+
 def boolean(name, value):
     """``value`` if it is a bool (NumPy bools too); ``prune="no"`` would otherwise count as True."""
     if isinstance(value, bool) or type(value).__name__ == "bool_":

@@ -15,7 +15,6 @@ folder holds)::
 """
 import dataclasses
 import math
-import numbers
 import time
 from typing import Optional
 
@@ -35,15 +34,6 @@ from bbits_tf.summary import LayerProfile, ModelProfile, summary
 
 # ----------------------------------------------------------------------------------------------------------------
 # Recipes and methods
-
-
-def _check_int(name, value, minimum=None):
-    """``value`` if it is an int (NumPy ints too, not bools or floats such as 15.0); otherwise a clear error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int. Received: {name}={value!r} of type {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}. Received: {name}={value!r}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +74,9 @@ class Recipe:
 
     def __post_init__(self):
         for name in ("epochs", "warmup_epochs", "batch_size"):
-            _check_int(name, getattr(self, name))
+            checks.integer(name, getattr(self, name))
         if self.decay_start is not None:
-            _check_int("decay_start", self.decay_start, minimum=0)
+            checks.integer("decay_start", self.decay_start, minimum=0)
         if self.epochs < 1 or not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(
                 "`epochs` must be >= 1 and `warmup_epochs` in [0, epochs). "
@@ -112,7 +102,7 @@ class Recipe:
                 raise TypeError(f"`{name}` must be a tuple of {kind}. Received: {name}={value!r}")
         checks.numbers_of_length("init_log_alpha", self.init_log_alpha, len(self.init_log_alpha))
         for i, bits in enumerate(self.bit_widths):
-            _check_int(f"bit_widths[{i}]", bits, minimum=1)
+            checks.integer(f"bit_widths[{i}]", bits, minimum=1)
         checks.boolean("mask_bias", self.mask_bias)
 
     @property

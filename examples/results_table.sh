@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The runs behind the README's results table (2-core CPU): bash examples/results_table.sh [JOBS]
 # Every row: today's code, one thread per run (--threads 1), TensorFlow op determinism (--deterministic), so a row
-# repeats exactly with the same command on the same versions. JOBS runs (default 2) share the machine; a row whose
-# runs/<name>/results.json exists is skipped. Then: python examples/summarize_runs.py --plots fast-s2
+# repeats exactly with the same command on the same versions. JOBS runs (default 2) share the machine; a finished row
+# (runs/<name>/results.json) is skipped, an interrupted one resumes. Then: python examples/summarize_runs.py --plots fast-s2
 cd "$(dirname "$0")/.."
 mkdir -p runs
 JOBS=${1:-2}
@@ -17,7 +17,8 @@ rows() {
 }
 run() {
   name=$1; shift
-  [ -f "runs/$name/results.json" ] && return 0
+  # a finished row is skipped; an interrupted one resumes (the same command continues from its checkpoint)
+  [ -f "runs/$name/results.json" ] && ! grep -q '"complete": false' "runs/$name/results.json" && return 0
   python examples/mnist.py --output-dir "runs/$name" --verbose 2 --no-export --threads 1 --deterministic "$@" \
     > "runs/$name.log" 2>&1
 }
