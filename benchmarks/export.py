@@ -18,13 +18,14 @@ Variants, all the same LeNet5 (32C5-MP2-64C5-MP2-512-10):
 * ``tfmot_int8``: ``tfmot.quantization.keras.quantize_model`` of that float model (default 8-bit QAT scheme),
   fine-tuned ``--qat-steps`` steps of batch 64 (Adam 1e-4) so that its ranges are set, converted with
   ``Optimize.DEFAULT`` (int8 weights per channel, int8 activations, float input/output).
-* ``bbits``: ``tflite_export.export_bbits`` (float input/output, pruned, INT4 for <= 4-bit layers).
-* ``bbits_int2``: the same with ``int2=True`` (experimental: 2-bit FULLY_CONNECTED weights as packed INT2; LiteRT's
-  builtin kernel runs them, TFLite Micro does not).
-* ``bbits_conv_int8``: INT4 for the Dense layers only (``int4=[dense layer names]``); the convolutions' <= 4-bit
-  grids sit in INT8, which XNNPACK runs (it leaves INT4 convolutions to the builtin kernels).
-* ``bbits_int8w``: the same with ``int4=False`` (<= 4-bit layers stored as INT8 on the same grid: the Edge TPU
-  layout, and what XNNPACK runs natively).
+* ``bbits``: ``tflite_export.export`` of the bbits model with its defaults (float input/output, pruned, INT4 for
+  the <= 4-bit Dense layers, convolutions' grids in INT8, which XNNPACK runs; refined inputs).
+* ``bbits_int4_all``: ``int4=True``: INT4 for every <= 4-bit layer (smallest; XNNPACK leaves INT4 convolutions to
+  the builtin kernels, whose double rounding makes the file disagree more often with the model).
+* ``bbits_int2``: the default with ``int2=True`` (experimental: 2-bit FULLY_CONNECTED weights as packed INT2;
+  LiteRT's builtin kernel runs them, TFLite Micro does not).
+* ``bbits_int8w``: ``int4=False`` (<= 4-bit layers stored as INT8 on a finer grid holding the learned one: the
+  Edge TPU layout, and what XNNPACK runs natively).
 
 Latency: ``ai_edge_litert`` interpreter, batch 1, ``num_threads=1``, once with the default XNNPACK delegate and
 once with the builtin kernels only. The variants are timed round-robin (``--rounds`` rounds of ``--runs`` /
@@ -156,11 +157,10 @@ def main(argv=None):
     variants = {"float": convert_float(float_model),
                 "tfmot_int8": convert_tfmot(float_model, x_train, y_train, args.qat_steps, args.seed)}
     reports = {}
-    dense = [layer.name for layer in float_model.layers if isinstance(layer, keras.layers.Dense)]
-    for name, options in (("bbits", {}), ("bbits_int2", {"int2": True}), ("bbits_conv_int8", {"int4": dense}),
+    for name, options in (("bbits", {}), ("bbits_int4_all", {"int4": True}), ("bbits_int2", {"int2": True}),
                           ("bbits_int8w", {"int4": False})):
-        reports[name] = te.export_bbits(qmodel, None, representative_data=x_rep, io="float", input_range=(0.0, 1.0),
-                                        validation_data=(x_test, y_test), tflm=False, **options)
+        reports[name] = te.export(qmodel, None, representative_data=x_rep, io="float", input_range=(0.0, 1.0),
+                                  validation_data=(x_test, y_test), tflm=False, **options)
         variants[name] = reports[name].model_bytes
 
     keras_acc = float(np.mean(qmodel.predict(x_test, verbose=0, batch_size=500).argmax(-1) == y_test))
@@ -176,7 +176,7 @@ def main(argv=None):
             "verification": report.to_dict()["verification"], "checks": report.checks,
             "learned_weight_bytes": report.learned_weight_bytes, "stored_weight_bytes": report.stored_weight_bytes,
             "stored_bias_bytes": report.stored_bias_bytes, "layers": report.to_dict()["bbits_layers"],
-            "notes": report.notes})
+            "lsb_diffs": report.lsb_diffs, "problems": report.problems, "notes": report.notes})
     t, b = results["tfmot_int8"], results["bbits"]
     ratios = {f"{name}_size_over_tfmot_int8": results[name]["file_bytes"] / t["file_bytes"]
               for name in reports}
@@ -186,7 +186,7 @@ def main(argv=None):
             ratios[f"tfmot_int8_over_{name}_latency_{kernels}"] = (
                 t[f"latency_{kernels}"]["median_us"] / results[name][f"latency_{kernels}"]["median_us"])
     summary = {
-        "benchmark": "LeNet5: float TFLite vs tfmot int8 vs bbits_tf (tflite_export.export_bbits)",
+        "benchmark": "LeNet5: float TFLite vs tfmot int8 vs bbits_tf (tflite_export.export)",
         "model": origin, "bbits_keras_accuracy": keras_acc, "qat_steps": args.qat_steps,
         "runs": args.runs, "rounds": args.rounds, "warmup": args.warmup, "batch": 1, "threads": 1,
         "bbits_profile": [dataclass_row(r) for r in bbits_tf.summary(qmodel).layers],

@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -248,7 +249,7 @@ def lenet_export(tmp_path_factory):
     out = {}
     for io in ("float", "int8"):
         path = str(tmp_path_factory.mktemp("export") / f"lenet_{io}.tflite")
-        out[io] = te.export(model, plans, path, representative_data=x_rep, io=io, input_range=(0.0, 1.0))
+        out[io] = te.export(model, path, plans=plans, representative_data=x_rep, io=io, input_range=(0.0, 1.0))
     return model, plans, out
 
 
@@ -271,12 +272,13 @@ def test_export_tensor_types_codes_shapes(lenet_export):
     assert np.isclose(rows["conv2"].weight_scale, plans["conv2"].weight_step / 7, rtol=1e-6)
     assert rows["conv2"].stored_bytes >= 2 * rows["conv2"].learned_bytes - 1  # INT4 holds 2-bit at twice the size
     assert rows["conv1"].stored_bytes == int(np.ceil(rows["conv1"].params / 2))
-    assert report.ops == ["QUANTIZE", "CONV_2D", "MAX_POOL_2D", "CONV_2D", "MAX_POOL_2D", "RESHAPE",
-                          "FULLY_CONNECTED", "FULLY_CONNECTED", "DEQUANTIZE"]  # no MINIMUM/MAXIMUM clip ops
+    # no MINIMUM/MAXIMUM clip ops; the QUANTIZE before conv2 carries conv1's 4-bit grid at a 16x finer scale
+    assert report.ops == ["QUANTIZE", "CONV_2D", "MAX_POOL_2D", "QUANTIZE", "CONV_2D", "MAX_POOL_2D", "RESHAPE",
+                          "FULLY_CONNECTED", "FULLY_CONNECTED", "DEQUANTIZE"]
     assert np.isclose(report.input_scale, 1 / 255) and report.input_zero_point == -128
     int8 = reports["int8"]
     assert (int8.input_type, int8.output_type) == ("INT8", "INT8")
-    assert "QUANTIZE" not in int8.ops and "DEQUANTIZE" not in int8.ops
+    assert int8.ops == report.ops[1:-1]  # int8 io: no QUANTIZE of the input, no DEQUANTIZE of the output
     assert report.to_dict()["stored_weight_bytes"] == report.stored_weight_bytes
 
 
@@ -305,6 +307,31 @@ def test_export_agrees_with_reference_layer_by_layer(lenet_export):
     v = te.verify(report.model_bytes, te.deployment_model(model, plans, **report.deployment_kwargs())[0], x,
                   np.zeros(len(x), int))
     assert v.top1_agreement >= 0.9 and v.n == len(x)
+
+
+def test_refined_input_is_exact_and_makes_the_bias_grid_finer(lenet_export):
+    """conv2's input (conv1's 4-bit grid, step s) is requantized to codes x16 at scale s/16: the same values, and
+    conv2's int32 bias grid (input scale x weight scale) 16x finer. fc1's input is an 8-bit grid (no room) and the
+    logits layer fc2 has a float output: neither is refined."""
+    model, plans, reports = lenet_export
+    report = reports["float"]
+    flat = te.read_flatbuffer(report.model_bytes)
+    conv1, conv2 = ({layer.name: layer for layer in report.layers}[n] for n in ("conv1", "conv2"))
+    requant = [op for op in flat.ops if op.name == "QUANTIZE"][1]
+    t_in, t_out = flat.tensors[requant.inputs[0]], flat.tensors[requant.outputs[0]]
+    assert np.isclose(t_in.scale, plans["conv1"].act_step, rtol=1e-6) and t_in.zero_point == 127 - 15
+    assert np.isclose(t_out.scale, plans["conv1"].act_step / 16, rtol=1e-6) and t_out.zero_point == 127 - 15 * 16
+    assert np.isclose(conv2.bias_scale, t_out.scale * conv2.weight_scale, rtol=1e-6)
+    x = images(8, seed=3)
+    io = te.layer_io(report.model_bytes, x, plans)
+    grid = io["conv2"][0] / plans["conv1"].act_step  # conv2's input, dequantized: on conv1's grid, codes 0..15
+    assert np.allclose(grid, np.round(grid), atol=1e-4) and 0 <= np.round(grid).min() <= np.round(grid).max() <= 15
+    assert sorted(sys.modules["tflite_export.export"].input_grids(model, plans)) == ["conv2"]
+    plain = te.export_plans(model, plans, None, representative_data=images(64, seed=1), input_range=(0.0, 1.0),
+                            refine_inputs=False)
+    assert plain.ops.count("QUANTIZE") == 1
+    assert np.isclose({layer.name: layer for layer in plain.layers}["conv2"].bias_scale, 16 * conv2.bias_scale,
+                      rtol=1e-5)
 
 
 def test_tflm_matches_litert_int8_io(lenet_export):
@@ -341,7 +368,7 @@ def test_export_branch_concatenate_is_reported():
              "c": te.LayerPlan(2, 0.1037, 8, 0.0211, False, masks["c"]),
              "d": te.LayerPlan(8, 0.0101)}
     x = images(32, seed=5, shape=(12, 12, 3))
-    report = te.export(model, plans, None, representative_data=x, input_range=(0.0, 1.0))
+    report = te.export_plans(model, plans, None, representative_data=x, input_range=(0.0, 1.0))
     rows = {layer.name: layer for layer in report.layers}
     assert rows["a"].act_scale == rows["b"].act_scale  # TFLite gives both inputs of the concat one scale
     assert not rows["a"].exact and rows["c"].exact
@@ -351,15 +378,30 @@ def test_export_branch_concatenate_is_reported():
     assert te.verify(report.model_bytes, deployed, x).top1_agreement >= 0.8
 
 
+def test_export_concatenate_of_one_grid_is_exact():
+    """Both branches on the same grid: CONCATENATION needs no requantization, the grids survive (exact)."""
+    model = branch_model(seed=3)
+    masks = random_masks(model, ["a", "b", "c"], seed=4, keep=0.6)
+    plans = {"a": te.LayerPlan(4, 0.0513, 4, 0.0771, False, masks["a"]),
+             "b": te.LayerPlan(8, 0.0107, 4, 0.0771, False, masks["b"]),
+             "c": te.LayerPlan(2, 0.1037, 8, 0.0211, False, masks["c"]),
+             "d": te.LayerPlan(8, 0.0101)}
+    x = images(32, seed=5, shape=(12, 12, 3))
+    report = te.export(model, None, plans=plans, representative_data=x, input_range=(0.0, 1.0))
+    rows = {layer.name: layer for layer in report.layers}
+    assert np.isclose(rows["a"].act_scale, 0.0771, rtol=1e-5) and np.isclose(rows["b"].act_scale, 0.0771, rtol=1e-5)
+    assert rows["a"].exact and rows["b"].exact and not any("Concatenate" in note for note in report.notes)
+
+
 def test_export_rejects_bad_plans():
     model = lenet_tiny()
     with pytest.raises(ValueError, match="Quantizable layers"):
-        te.export(model, {"pool1": te.LayerPlan(8, 0.1)}, None, representative_data=images(4))
+        te.export_plans(model, {"pool1": te.LayerPlan(8, 0.1)}, None, representative_data=images(4))
     with pytest.raises(ValueError, match="needs a LayerPlan"):
-        te.export(model, {"conv1": te.LayerPlan(8, 0.1)}, None, representative_data=images(4))
+        te.export_plans(model, {"conv1": te.LayerPlan(8, 0.1)}, None, representative_data=images(4))
     with pytest.raises(ValueError, match="out_mask"):
-        te.export(model, {"conv1": te.LayerPlan(8, 0.1, out_mask=np.ones(3, bool))}, None,
-                  representative_data=images(4))
+        te.export_plans(model, {"conv1": te.LayerPlan(8, 0.1, out_mask=np.ones(3, bool))}, None,
+                       representative_data=images(4))
 
 
 def test_export_depthwise_signed_and_16_bit():
@@ -378,7 +420,7 @@ def test_export_depthwise_signed_and_16_bit():
              "d1": te.LayerPlan(16, 1e-5, 16, 1e-4, False),
              "d": te.LayerPlan(8, 0.0101)}
     x = images(32, shape=(10, 10, 3))
-    report = te.export(model, plans, None, representative_data=x, input_range=(0.0, 1.0))
+    report = te.export_plans(model, plans, None, representative_data=x, input_range=(0.0, 1.0))
     rows = {layer.name: layer for layer in report.layers}
     assert rows["dw"].op == "DEPTHWISE_CONV_2D" and rows["dw"].weight_type == "INT4"
     assert rows["dw"].weight_shape == (1, 3, 3, 2 * c1_mask.sum())  # removed inputs take their outputs along
@@ -393,3 +435,71 @@ def test_export_depthwise_signed_and_16_bit():
             x_in = x_in.reshape(len(x), -1)
         y = np.asarray(deployed.get_layer(name)(x_in)).reshape(y_out.shape)
         assert np.abs(y - y_out).max() / scale <= 1.001, name
+
+
+# ---------------------------------------------------------------------------------------------------- package
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tflite_export")
+
+
+def _module_imports():
+    """module -> the tflite_export modules it imports (``from .x import``, ``from . import x``), anywhere in it."""
+    import ast  # pylint: disable=import-outside-toplevel
+    graph = {}
+    for fname in sorted(os.listdir(PACKAGE)):
+        if not fname.endswith(".py") or fname == "__init__.py":
+            continue
+        tree = ast.parse(open(os.path.join(PACKAGE, fname)).read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module] if node.module else [a.name for a in node.names])
+        graph[fname[:-3]] = deps
+    return graph
+
+
+def test_package_imports_have_no_cycle():
+    """The stages hand plain data on in one direction (export.py once imported bbits.py inside ``export``)."""
+    graph = _module_imports()
+    assert "bbits" not in graph["export"]
+
+    def visit(name, path):
+        assert name not in path, f"import cycle: {' -> '.join(path + [name])}"
+        for dep in graph.get(name, ()):
+            visit(dep, path + [name])
+
+    for name in graph:
+        visit(name, [])
+
+
+def test_readme_module_table_matches_the_modules():
+    text = open(os.path.join(PACKAGE, "README.md")).read()
+    table = text.split("## Modules", 1)[1].split("\n## ", 1)[0]
+    listed = {line.split("`")[1][:-3] for line in table.splitlines() if line.startswith("| `")}
+    assert listed == set(_module_imports())
+    for fname in os.listdir(PACKAGE):
+        if fname.endswith((".py", ".md")):
+            assert "README_EXPORT" not in open(os.path.join(PACKAGE, fname)).read(), fname
+
+
+def test_no_unused_functions():
+    """Every module-level function of the package is used somewhere (package, tests, benchmarks, examples)."""
+    import ast  # pylint: disable=import-outside-toplevel
+    root = os.path.dirname(PACKAGE)
+    sources = {}
+    for folder in ("tflite_export", "tests", "benchmarks", "examples"):
+        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+            for fname in files:
+                if fname.endswith(".py"):
+                    sources[os.path.join(dirpath, fname)] = open(os.path.join(dirpath, fname)).read()
+    unused = []
+    for fname in os.listdir(PACKAGE):
+        if not fname.endswith(".py"):
+            continue
+        path = os.path.join(PACKAGE, fname)
+        for node in ast.parse(sources[path]).body:
+            if isinstance(node, ast.FunctionDef):
+                uses = sum(text.count(node.name) for text in sources.values()) - 1  # minus its definition
+                if uses == 0:
+                    unused.append(f"{fname}:{node.name}")
+    assert not unused

@@ -1,6 +1,6 @@
 """From a trained float model and its per-layer plans to a verified integer .tflite file.
 
-``export`` composes four steps, each usable alone:
+``export_plans`` composes these steps, each usable alone:
 
 1. ``deployment_model``: put the weights on their grids, remove the pruned channels (``prune``), wrap the planned
    layers in fixed-grid tfmot configs (``FixedGridScheme``: no other layout change) -> a fake-quant Keras model
@@ -8,7 +8,10 @@
 2. ``convert``: TFLiteConverter, full-integer (int8 builtins), float or int8 model input/output.
 3. ``inspect``: read the flatbuffer back and check every weight tensor against its plan (type INT4/INT8, number of
    distinct codes, codes on the grid, kept channel counts, activation scale and zero point) -> per-layer report.
-4. write the file and run it once in the LiteRT interpreter.
+4. write the file.
+
+A Bayesian Bits model does not come here directly: ``tflite_export.export`` (in ``bbits.py``) reads its plans and
+calls ``export_plans``; this module knows nothing of Bayesian Bits.
 """
 import dataclasses
 import os
@@ -23,8 +26,7 @@ from bbits_tf._keras import keras, tfmot
 from . import flatbuffer
 from .plan import LayerPlan, act_grid_limits, quantize_activation, quantize_weight, signed_levels, validate_plans
 from .prune import PRODUCERS, PruneReport, graph_nodes, prune
-from .quantizers import FixedGridQuantizeConfig, FixedGridScheme, quantize_scope
-from .verify import run_litert
+from .quantizers import FixedGridQuantizeConfig, FixedGridScheme, quantize_scope, refined_input_range
 
 _Q = tfmot.quantization.keras
 IO_TYPES = ("float", "int8")
@@ -61,7 +63,7 @@ class LayerExport:
 
 @dataclasses.dataclass
 class ExportReport:
-    """What ``export`` wrote, as data (no Keras objects)."""
+    """What ``export_plans`` wrote, as data (no Keras objects)."""
 
     path: Optional[str]
     file_bytes: int
@@ -79,6 +81,7 @@ class ExportReport:
     ranges: Dict[str, tuple] = dataclasses.field(default_factory=dict)
     notes: List[str] = dataclasses.field(default_factory=list)
     model_bytes: bytes = dataclasses.field(default=b"", repr=False)
+    refine_inputs: bool = True
 
     @property
     def learned_weight_bytes(self) -> float:
@@ -92,7 +95,8 @@ class ExportReport:
         """Keyword arguments that make ``deployment_model`` rebuild the Keras twin of the exported file."""
         return {"input_range": self.ranges.get("input"),
                 "output_ranges": {k: v for k, v in self.ranges.items() if k != "input"},
-                "bias_scales": {layer.name: layer.bias_scale for layer in self.layers if layer.bias_scale}}
+                "bias_scales": {layer.name: layer.bias_scale for layer in self.layers if layer.bias_scale},
+                "refine_inputs": self.refine_inputs}
 
     def to_dict(self) -> Dict:
         d = dataclasses.asdict(self)
@@ -135,7 +139,7 @@ def grid_weights(model, plans: Mapping[str, LayerPlan]):
 
 def deployment_model(model, plans: Mapping[str, LayerPlan], *, representative_data=None, input_range=None,
                      output_ranges: Optional[Mapping[str, tuple]] = None,
-                     bias_scales: Optional[Mapping[str, float]] = None):
+                     bias_scales: Optional[Mapping[str, float]] = None, refine_inputs: bool = True):
     """The pruned fake-quant Keras model that ``convert`` turns into integer TFLite.
 
     Every tensor that TFLite needs a range for gets a fixed one here, because the converter re-quantizes an op that
@@ -154,7 +158,11 @@ def deployment_model(model, plans: Mapping[str, LayerPlan], *, representative_da
         output_ranges: optional layer name -> (lo, hi) for float-output layers.
         bias_scales: optional layer name -> scale of the layer's int32 bias in TFLite (input scale * weight
             scale): the bias is rounded onto that grid, as TFLite stores it, so that the Keras model computes what
-            the integer model computes. ``export`` reads them from a first conversion.
+            the integer model computes. ``export_plans`` reads them from a first conversion.
+        refine_inputs: carry the input of a layer fed (through pooling / Flatten / Reshape / Dropout) by a coarse
+            (2- or 4-bit) activation grid at a 64 / 16 times finer scale (``input_grids``): one exact QUANTIZE op
+            each, and that layer's int32 bias and requantization multiplier get as much finer, so the file's
+            rounding agrees with float arithmetic far more often.
 
     Returns:
         (deployment model, PruneReport, ranges) where ranges = {"input": (lo, hi), layer name: (lo, hi), ...}
@@ -165,7 +173,7 @@ def deployment_model(model, plans: Mapping[str, LayerPlan], *, representative_da
     missing_plans = sorted(set(layers) - set(plans))
     if missing_plans:  # the converter would re-quantize them, and their consumers, from calibration
         raise ValueError(f"Every Conv2D, DepthwiseConv2D and Dense layer needs a LayerPlan (use weight_bits=8 for a "
-                         f"layer that was not learned). Received no plan for: {missing_plans}")
+                         f"layer that was not learned). Received: plans without layers={missing_plans}")
     on_grid = grid_weights(model, plans)
     masks = {name: p.out_mask for name, p in plans.items() if p.out_mask is not None}
     transforms = {}
@@ -190,13 +198,52 @@ def deployment_model(model, plans: Mapping[str, LayerPlan], *, representative_da
         data = _as_array(representative_data)
         input_range = _range(data)
     ranges["input"] = tuple(float(v) for v in input_range)
+    refine = input_grids(pruned, plans) if refine_inputs else {}
     if missing:
-        probe = _quantize(pruned, plans, ranges["input"], {})
+        probe = _quantize(pruned, plans, ranges["input"], {}, refine)
         outs = keras.Model(probe.inputs, [probe.get_layer(n).output for n in missing]).predict(
             _as_array(representative_data), verbose=0, batch_size=256)
         for name, out in zip(missing, outs if len(missing) > 1 else [outs]):
             ranges[name] = _range(out)
-    return _quantize(pruned, plans, ranges["input"], ranges), report, ranges
+    return _quantize(pruned, plans, ranges["input"], ranges, refine), report, ranges
+
+
+_SAME_GRID = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.GlobalMaxPooling1D,
+              keras.layers.GlobalMaxPooling2D, keras.layers.Flatten, keras.layers.Reshape, keras.layers.Dropout,
+              keras.layers.SpatialDropout2D)
+
+
+def input_grids(model, plans: Mapping[str, LayerPlan]) -> Dict[str, tuple]:
+    """Planned layer -> (lo, hi) of a refined fixed range for its input (``refined_input_range``), for every
+    planned layer whose input is another planned layer's <= 4-bit activation grid, reached through layers that
+    keep values on their grid (max pooling, Flatten, Reshape, Dropout), if it has an activation grid itself (not
+    for float outputs such as the logits). Not through a Concatenate: TFLite gives a
+    CONCATENATION's inputs its output scale, so the converter would put the finer scale on the branches' outputs
+    (off their grids); nor from layers feeding a Concatenate of different grids."""
+    nodes = graph_nodes(model)
+    inbound = {layer.name: sources for layer, sources in nodes}
+    by_name = {layer.name: layer for layer, _ in nodes}
+    shared = set(concat_fed(model, plans))
+
+    def grid_of(name):  # the grid the output of layer ``name`` is on, or None
+        if name in plans:
+            return None if name in shared else _grid(plans[name])
+        layer = by_name[name]
+        if isinstance(layer, _SAME_GRID) and len(inbound[name]) == 1:
+            return grid_of(inbound[name][0])
+        return None  # not through a Concatenate: the converter would move the refined scale onto its inputs
+
+    out = {}
+    for name, plan in plans.items():
+        if plan.act_bits is None:  # a float (logits) output: its step is coarse anyway, and the converter's
+            continue               # calibration rejects a refined input there (bias scale check of the FC op)
+        grid = grid_of(inbound[name][0]) if len(inbound.get(name, [])) == 1 else None
+        if grid is None:
+            continue
+        lo, hi, factor = refined_input_range(*grid)
+        if factor > 1:
+            out[name] = (lo, hi)
+    return out
 
 
 def _range(x) -> tuple:
@@ -211,7 +258,7 @@ def _as_array(data) -> np.ndarray:
     return np.asarray(data, np.float32)[:_REP_SAMPLES]
 
 
-def _quantize(pruned, plans, input_range, output_ranges):
+def _quantize(pruned, plans, input_range, output_ranges, refine=None):
     def annotate(layer):
         if layer.name in plans:
             config = FixedGridQuantizeConfig.from_plan(plans[layer.name], output_ranges.get(layer.name))
@@ -220,7 +267,8 @@ def _quantize(pruned, plans, input_range, output_ranges):
 
     annotated = keras.models.clone_model(pruned, clone_function=annotate)
     with quantize_scope():
-        return _Q.quantize_apply(annotated, scheme=FixedGridScheme(input_range), quantized_layer_name_prefix="")
+        return _Q.quantize_apply(annotated, scheme=FixedGridScheme(input_range, refine),
+                                 quantized_layer_name_prefix="")
 
 
 def _representative(data) -> Callable[[], Iterable[List[np.ndarray]]]:
@@ -258,18 +306,33 @@ def convert(deployed, representative_data, *, io: str = "float") -> bytes:
         return converter.convert()
 
 
-def concat_fed(model, names) -> List[str]:
-    """The named layers whose output reaches a Concatenate through layers without a kernel.
+def _grid(plan: LayerPlan):
+    dep = plan.deployed()
+    return (dep.act_bits, dep.act_step, dep.act_signed) if dep.act_bits is not None else None
 
-    TFLite gives all inputs of a CONCATENATION one scale (the union of their ranges), so their learned activation
-    grids survive only when they are identical.
+
+def concat_fed(model, plans: Mapping[str, LayerPlan]) -> List[str]:
+    """The planned layers whose output reaches a Concatenate (through layers without a kernel) whose inputs do not
+    all carry one and the same activation grid.
+
+    TFLite gives all inputs of a CONCATENATION one scale (the union of their ranges), so the learned grids survive
+    only when they are identical (e.g. when the grid is the Concatenate's own output quantizer, given to each
+    branch by ``plans_from_bbits``); otherwise the branches are requantized.
     """
+    nodes = graph_nodes(model)
     consumers: Dict[str, List] = {}
-    for layer, inbound in graph_nodes(model):
-        for src in inbound:
+    inbound = {layer.name: sources for layer, sources in nodes}
+    for layer, sources in nodes:
+        for src in sources:
             consumers.setdefault(src, []).append(layer)
+
+    def source_grid(name):  # the grid a tensor carries, walking back through layers without a kernel
+        while name not in plans and len(inbound.get(name, [])) == 1:
+            name = inbound[name][0]
+        return _grid(plans[name]) if name in plans else None
+
     hits = []
-    for name in names:
+    for name in (n for n, p in plans.items() if p.act_bits is not None):
         todo, seen = list(consumers.get(name, [])), set()
         while todo:
             layer = todo.pop()
@@ -277,8 +340,10 @@ def concat_fed(model, names) -> List[str]:
                 continue
             seen.add(layer.name)
             if isinstance(layer, keras.layers.Concatenate):
-                hits.append(name)
-                break
+                grids = {source_grid(src) for src in inbound[layer.name]}
+                if len(grids) != 1 or None in grids:
+                    hits.append(name)
+                    break
             todo.extend(consumers.get(layer.name, []))
     return hits
 
@@ -353,48 +418,37 @@ def inspect(tflite_bytes: bytes, plans: Mapping[str, LayerPlan], prune_report: O
     return rows, problems
 
 
-def export(model, plans: Optional[Mapping[str, LayerPlan]] = None, output_path: Optional[str] = None, *,
-           representative_data, io: str = "float", input_range=None, output_ranges=None,
-           **bbits_options) -> ExportReport:
-    """Prune, quantize onto the learned grids, convert to integer TFLite, check, and write.
+def export_plans(model, plans: Mapping[str, LayerPlan], path=None, *, representative_data, io: str = "float",
+                 input_range=None, output_ranges=None, refine_inputs: bool = True) -> ExportReport:
+    """Prune, quantize onto the planned grids, convert to integer TFLite, check, and write (plans-level export).
 
-    A Bayesian Bits model (from ``bbits_tf.quantize_model``) goes to ``export_bbits`` (plans from its quantizers):
-    ``export(qmodel, "model.tflite", representative_data=x, ...)``, any ``export_bbits`` option as keyword.
+    For people who bring their own plans. A trained Bayesian Bits model goes through ``tflite_export.export``
+    (``export(qmodel, path, ...)``), which reads the plans from its quantizers and verifies the file against it.
 
     Args:
-        model: trained tf_keras model with float weights (pruned or not), or a Bayesian Bits model.
-        plans: layer name -> LayerPlan for every quantized Conv2D / DepthwiseConv2D / Dense layer (none for a
-            Bayesian Bits model; its second positional argument is then ``output_path``).
-        output_path: where to write the .tflite file (None: do not write).
+        model: trained tf_keras model with float weights (pruned or not).
+        plans: layer name -> LayerPlan for every Conv2D / DepthwiseConv2D / Dense layer.
+        path: where to write the .tflite file (None: do not write; the bytes are in ``report.model_bytes``).
         representative_data: model inputs (array, or generator function in TFLiteConverter's format) for the
             input and float-output ranges not given, and for the converter.
         io: "float" or "int8" model input/output.
         input_range: optional fixed (lo, hi) range of the 8-bit model input, e.g. (0.0, 1.0) for images in [0, 1].
         output_ranges: optional layer name -> (lo, hi) of float-output layers (see ``deployment_model``).
+        refine_inputs: carry coarse (2-/4-bit) layer inputs at a finer scale (see ``deployment_model``).
 
     Returns:
-        ExportReport (``BbitsExportReport`` for a Bayesian Bits model). Raises RuntimeError when a check of the
-        converted file fails.
+        ExportReport. Raises RuntimeError when a check of the converted file fails.
     """
-    from .bbits import export_bbits, is_bbits_model  # pylint: disable=import-outside-toplevel
-    if is_bbits_model(model):
-        if plans is not None and not isinstance(plans, (str, os.PathLike)):
-            raise ValueError("A Bayesian Bits model brings its own plans (from its quantizers); call "
-                             "export(qmodel, output_path, representative_data=...). Received: plans")
-        if plans is not None:
-            if output_path is not None:
-                raise TypeError("export(qmodel, output_path, ...) takes one path. Received two")
-            output_path = plans
-        return export_bbits(model, output_path, representative_data=representative_data, io=io,
-                            input_range=input_range, output_ranges=output_ranges, **bbits_options)
-    if bbits_options:
-        raise TypeError(f"export() got options that only apply to Bayesian Bits models: {sorted(bbits_options)}")
-    if plans is None:
-        raise ValueError("`plans` (layer name -> LayerPlan) is required for a plain float model")
-    kwargs = dict(representative_data=representative_data, input_range=input_range, output_ranges=output_ranges)
+    path = check_path(path)
+    if io not in IO_TYPES:
+        raise ValueError(f"`io` must be one of {IO_TYPES}. Received: io={io!r}")
+    if not isinstance(plans, Mapping):
+        raise TypeError(f"`plans` must be a dict of layer name -> LayerPlan. Received: plans={type(plans).__name__}")
+    kwargs = dict(representative_data=representative_data, input_range=input_range, output_ranges=output_ranges,
+                  refine_inputs=refine_inputs)
     deployed, prune_report, ranges = deployment_model(model, plans, **kwargs)
     tflite_bytes = convert(deployed, representative_data, io=io)
-    shared = concat_fed(deployed, [n for n, p in plans.items() if p.act_bits is not None])
+    shared = concat_fed(deployed, plans)
     layers, problems = inspect(tflite_bytes, plans, prune_report, shared)
     scales = {layer.name: layer.bias_scale for layer in layers if layer.bias_scale}
     if not problems and scales:  # second pass: biases on their int32 grid, so Keras == TFLite arithmetic
@@ -404,7 +458,6 @@ def export(model, plans: Optional[Mapping[str, LayerPlan]] = None, output_path: 
         layers, problems = inspect(tflite_bytes, plans, prune_report, shared)
     flat = flatbuffer.read(tflite_bytes)
     tin, tout = _int8_boundary(flat)
-    _smoke_run(tflite_bytes, np.asarray(_first_sample(representative_data)))
     notes = list(prune_report.inexact)
     for layer in layers:
         if layer.name in shared:
@@ -422,18 +475,32 @@ def export(model, plans: Optional[Mapping[str, LayerPlan]] = None, output_path: 
     for t in flat.tensors:
         types[t.type] = types.get(t.type, 0) + 1
     report = ExportReport(
-        path=output_path, file_bytes=len(tflite_bytes), io=io, input_type=flat.tensors[flat.inputs[0]].type,
+        path=path, file_bytes=len(tflite_bytes), io=io, input_type=flat.tensors[flat.inputs[0]].type,
         input_scale=tin.scale, input_zero_point=tin.zero_point, output_type=flat.tensors[flat.outputs[0]].type,
         output_scale=tout.scale,
         output_zero_point=tout.zero_point, layers=layers, ops=[op.name for op in flat.ops], tensor_types=types,
-        prune=prune_report, ranges=ranges, notes=notes, model_bytes=tflite_bytes)
+        prune=prune_report, ranges=ranges, notes=notes, model_bytes=tflite_bytes, refine_inputs=refine_inputs)
     if problems:
         raise RuntimeError("The converted model does not hold the planned grids:\n  " + "\n  ".join(problems))
-    if output_path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-        with open(output_path, "wb") as f:
-            f.write(tflite_bytes)
+    if path is not None:
+        write_file(tflite_bytes, path)
     return report
+
+
+def check_path(path):
+    """``path`` as a str (None stays None); anything that is not a file path is an error."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a file path (str or os.PathLike) or None; plans go in `plans=`. "
+                        f"Received: path={type(path).__name__}")
+    return os.fspath(path)
+
+
+def write_file(data: bytes, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _int8_boundary(flat):
@@ -445,13 +512,3 @@ def _int8_boundary(flat):
         if op.name == "DEQUANTIZE" and op.outputs[0] == tout.index:
             tout = flat.tensors[op.inputs[0]]
     return tin, tout
-
-
-def _first_sample(data):
-    if callable(data):
-        return next(iter(data()))[0]
-    return np.asarray(data[:1], np.float32)
-
-
-def _smoke_run(tflite_bytes: bytes, x: np.ndarray):
-    run_litert(tflite_bytes, x)

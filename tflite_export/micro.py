@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .verify import dequantize_output, quantize_input
+from .verify import dequantize_output, output_scale, quantize_input, run_litert_any_batch
 
 XXD_QUALIFIERS = ""  # what `xxd -i` writes: `unsigned char name[] = {...}; unsigned int name_len = N;`
 MCU_QUALIFIERS = "alignas(16) const"  # flash-resident and aligned as TFLM wants its model
@@ -105,3 +105,30 @@ def run_tflm(tflite_bytes: bytes, x: np.ndarray, *, raw: bool = False, arena_siz
         y = np.array(interp.get_output(0))
         results.append(y if raw else dequantize_output(y, out))
     return np.concatenate(results)
+
+
+def write_c_arrays(tflite_bytes: bytes, output_path: str, name: Optional[str] = None):
+    """``<stem>_data.cc`` / ``<stem>_data.h`` next to ``output_path`` (array ``g_<stem>``, 16-byte aligned, const).
+
+    The source includes its header: a namespace-scope ``const`` array has internal linkage in C++ unless an
+    ``extern`` declaration is in scope.
+    """
+    stem = os.path.splitext(os.path.basename(output_path))[0]
+    name = c_identifier(name or f"g_{stem}")
+    base = os.path.join(os.path.dirname(os.path.abspath(output_path)), f"{stem}_data")
+    source, header = to_c_array(tflite_bytes, name)
+    with open(base + ".h", "w") as f:
+        f.write(header)
+    with open(base + ".cc", "w") as f:
+        f.write(f'#include "{os.path.basename(base)}.h"\n\n' + source)
+    return base + ".cc", base + ".h"
+
+
+def tflm_check(tflite_bytes: bytes, x: np.ndarray):
+    """(max |TFLM - LiteRT builtin| in output LSBs, arena bytes) on the inputs ``x`` (one at a time in TFLM)."""
+    lite = run_litert_any_batch(tflite_bytes, x, raw=True, delegates="none")
+    micro = run_tflm(tflite_bytes, x, raw=True)
+    diff = np.abs(lite.astype(np.float64) - micro.astype(np.float64)).max() if len(x) else 0.0
+    if lite.dtype == np.float32:  # float output: in steps of the int8 tensor behind the DEQUANTIZE
+        diff = diff / output_scale(tflite_bytes)
+    return float(diff), tflm_arena_bytes(tflite_bytes)

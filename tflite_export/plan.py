@@ -111,11 +111,6 @@ def quantize_weight(w: np.ndarray, bits: int, step: float) -> np.ndarray:
     return (np.clip(np.round(np.asarray(w, np.float64) / step), -n, n) * step).astype(np.float32)
 
 
-def weight_codes(w: np.ndarray, step: float) -> np.ndarray:
-    """Integer codes k of weights already on the grid ``k * step``."""
-    return np.round(np.asarray(w, np.float64) / step).astype(np.int64)
-
-
 def quantize_activation(x: np.ndarray, bits: Optional[int], step: Optional[float], signed: bool) -> np.ndarray:
     """Clip and round ``x`` onto the activation grid (identity when ``bits`` is None)."""
     if bits is None:

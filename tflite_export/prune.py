@@ -52,12 +52,16 @@ class PruneReport:
         folded: layers whose bias absorbed the constant output of removed input channels.
         inexact: human-readable reasons why the pruned model may differ from the original (empty = exact).
         kept_pruned: DepthwiseConv2D channels that are pruned but could not be removed.
+        channel_maps: per Conv2D / DepthwiseConv2D / Dense layer, how the pruned layer's tensors sit in the
+            original's: ``{"in_keep": bool per input channel (per input feature of a Dense layer), "in_const": the
+            value a removed input channel holds, "out_keep": bool per output channel}`` (NumPy arrays).
     """
 
     layers: Dict[str, LayerChannels] = dataclasses.field(default_factory=dict)
     folded: List[str] = dataclasses.field(default_factory=list)
     inexact: List[str] = dataclasses.field(default_factory=list)
     kept_pruned: Dict[str, int] = dataclasses.field(default_factory=dict)
+    channel_maps: Dict[str, Dict[str, np.ndarray]] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def exact(self) -> bool:
@@ -257,10 +261,11 @@ def prune(model, masks: Mapping[str, np.ndarray], *,
         in_shapes = [tuple(t.shape) for t in _node_inputs(layer, model)]
         mask = masks.get(layer.name)
         transform = output_transforms.get(layer.name)
-        if isinstance(layer, L.DepthwiseConv2D):
-            config, weights, state = _depthwise(layer, ins[0], mask, transform, report)
-        elif isinstance(layer, (L.Conv2D, L.Dense)):
-            config, weights, state = _producer(layer, ins[0], mask, transform, report)
+        if isinstance(layer, PRODUCERS):
+            make = _depthwise if isinstance(layer, L.DepthwiseConv2D) else _producer
+            config, weights, state = make(layer, ins[0], mask, transform, report)
+            report.channel_maps[layer.name] = {"in_keep": ins[0].keep.copy(), "in_const": ins[0].const.copy(),
+                                               "out_keep": state.keep.copy()}
         elif isinstance(layer, L.BatchNormalization):
             config, weights, state = _batchnorm(layer, ins[0])
         else:

@@ -3,7 +3,7 @@
 These are deployment quantizers: after Bayesian Bits training the grids are fixed, and these classes write them
 into the graph as ``FakeQuantWithMinMaxVars`` ops that the TFLite converter turns into integer tensors.
 
-How each grid reaches TFLite (checked on TF 2.21, see README_EXPORT in the package docstring):
+How each grid reaches TFLite (checked on TF 2.21; tflite_export/README.md has the details):
 
 * Weights, b <= 8 bits: ``fake_quant(w, -n*s, n*s, num_bits=b, narrow_range=True)`` with ``n = 2^(b-1) - 1`` has
   step exactly s. The converter stores b <= 4 as packed INT4 (2-bit as INT4 codes {-7, 0, 7} with scale s/7) and
@@ -235,20 +235,53 @@ class _InputQuantize(transforms.Transform):
         return {"QuantizeLayer": QuantizeLayer, "FixedRangeQuantizer": FixedRangeQuantizer}
 
 
-class _LayoutTransform(_Q.QuantizeLayoutTransform):
-    """No BN folding, no fusing: only the fixed-range input quantizer (when an input range is given)."""
+class _InputRefine(transforms.Transform):
+    """Layer L => QuantizeLayer(FixedRangeQuantizer(lo, hi)) -> L, for the layers named in ``ranges``.
 
-    def __init__(self, input_range=None):
+    The range is the grid of L's input at a 2^j times finer scale (``refined_input_range``): the converter puts
+    an exact requantization (QUANTIZE, codes times 2^j) before L's op, and L's int32 bias grid and requantization
+    multiplier become 2^j times finer.
+    """
+
+    def __init__(self, ranges):
+        self.ranges = dict(ranges)
+
+    def pattern(self):
+        return transforms.LayerPattern("Conv2D|DepthwiseConv2D|Dense")
+
+    def replacement(self, match_layer):
+        name = match_layer.layer["config"]["name"]
+        if name not in self.ranges:
+            return match_layer
+        q_name = f"{name}_input_quant"
+        layer = QuantizeLayer(FixedRangeQuantizer(*self.ranges[name]), name=q_name)
+        config = keras.layers.serialize(layer, use_legacy_format=True)
+        config["name"] = q_name
+        match_layer.input_layers = [transforms.LayerNode(config)]
+        return match_layer
+
+    def custom_objects(self):
+        return {"QuantizeLayer": QuantizeLayer, "FixedRangeQuantizer": FixedRangeQuantizer}
+
+
+class _LayoutTransform(_Q.QuantizeLayoutTransform):
+    """No BN folding, no fusing: only the fixed-range input quantizer (when an input range is given) and the
+    refined input quantizers of ``input_refine``."""
+
+    def __init__(self, input_range=None, input_refine=None):
         self.input_range = input_range
+        self.input_refine = dict(input_refine or {})
 
     def apply(self, model, layer_quantize_map):
-        if self.input_range is None:
+        todo = ([_InputQuantize(self.input_range)] if self.input_range is not None else []) + (
+            [_InputRefine(self.input_refine)] if self.input_refine else [])
+        if not todo:
             return model, layer_quantize_map
         layer_quantize_map = dict(layer_quantize_map)
         for layer in model._input_layers:  # pylint: disable=protected-access
             layer_quantize_map.setdefault(layer.name, {})  # tfmot adds only inputs that feed an annotated layer
-        return model_transformer.ModelTransformer(model, [_InputQuantize(self.input_range)],
-                                                  set(layer_quantize_map), layer_quantize_map).transform()
+        return model_transformer.ModelTransformer(model, todo, set(layer_quantize_map),
+                                                  layer_quantize_map).transform()
 
 
 class _AnnotatedOnlyRegistry(_Q.QuantizeRegistry):
@@ -271,13 +304,16 @@ class FixedGridScheme(_Q.QuantizeScheme):
     Args:
         input_range: (lo, hi) of the 8-bit model input, put after every InputLayer that feeds an annotated layer.
             None: no input quantizer (the converter then re-quantizes the first layer from calibration).
+        input_refine: layer name -> (lo, hi) of an 8-bit fixed-range quantizer put on that layer's input (its
+            input grid at a finer scale, see ``refined_input_range``).
     """
 
-    def __init__(self, input_range=None):
+    def __init__(self, input_range=None, input_refine=None):
         self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
+        self.input_refine = {k: (float(v[0]), float(v[1])) for k, v in (input_refine or {}).items()}
 
     def get_layout_transformer(self):
-        return _LayoutTransform(self.input_range)
+        return _LayoutTransform(self.input_range, self.input_refine)
 
     def get_quantize_registry(self):
         return _AnnotatedOnlyRegistry()
@@ -289,3 +325,21 @@ def quantize_scope():
                               "FixedGridActivationQuantizer": FixedGridActivationQuantizer,
                               "FixedRangeQuantizer": FixedRangeQuantizer,
                               "FixedGridQuantizeConfig": FixedGridQuantizeConfig})
+
+
+def refined_input_range(bits: int, step: float, signed: bool):
+    """(lo, hi, factor) of an 8-bit fixed range that holds the b-bit activation grid ``k * step`` at the scale
+    ``step / factor``, ``factor = 2^j`` the largest that fits the grid's codes into int8 (2 bits: 64, 4 bits: 16,
+    8 bits: 1), its top at code 127 like the activation grids; ``factor == 1``: nothing to refine.
+
+    Carrying a layer's input this way changes no value (``k * step == (k * factor) * (step / factor)``, and the
+    requantization by a power of two is exact), but the layer's int32 bias grid and its requantization multiplier
+    get ``factor`` times finer: the int32 bias then rounds ``factor`` times closer to the model's float bias.
+    """
+    lo, hi = act_grid_limits(bits, signed)
+    factor = 1
+    while (hi - lo) * factor * 2 <= 255:
+        factor *= 2
+    top = hi * factor
+    fine = step / factor
+    return -(255 - top) * fine, top * fine, factor

@@ -1,8 +1,13 @@
 """The report of a Bayesian Bits export, as data: per-layer size accounting, verification, checks."""
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
+import numpy as np
+
+from . import flatbuffer
 from .export import ExportReport
+from .int2 import pack_int2
+from .plan import LayerPlan
 from .verify import VerifyReport
 
 
@@ -57,6 +62,11 @@ class BbitsExportReport(ExportReport):
         problems: why a check failed (empty when all passed).
         int4: the layers whose weights are stored as INT4 (the others' <= 4-bit grids sit in INT8, e.g. for the Edge
             TPU).
+        lsb_diffs: ``{kernel kind: {layer: {"local": {d: count}, "end_to_end": {d: count}}}}``: histograms of the
+            file's output code minus the bbits model's value on the same grid, per element of each layer's output,
+            with LiteRT's default delegate ("xnnpack"; ops it does not take run on the builtin kernels) and with
+            the builtin kernels only ("builtin", as TFLite Micro). "local": the model's layer fed the input the
+            file's op saw; "end_to_end": both run on the same model inputs (see ``verify.lsb_histograms``).
     """
 
     bbits_layers: List[BbitsLayer] = dataclasses.field(default_factory=list)
@@ -71,6 +81,7 @@ class BbitsExportReport(ExportReport):
     checks: Dict[str, bool] = dataclasses.field(default_factory=dict)
     problems: List[str] = dataclasses.field(default_factory=list)
     int4: List[str] = dataclasses.field(default_factory=list)
+    lsb_diffs: Dict[str, Dict[str, Dict[str, Dict[int, int]]]] = dataclasses.field(default_factory=dict)
 
     @property
     def learned_weight_bytes(self) -> float:
@@ -95,6 +106,18 @@ class BbitsExportReport(ExportReport):
         d["passed"] = self.passed
         return d
 
+    def format_lsb_diffs(self) -> List[str]:
+        """The LSB histograms as text lines: per layer and kernel kind, count per difference (local | end to end)."""
+        if not self.lsb_diffs:
+            return []
+        lines = ["LSB differences, file - bbits model, per output element (local: the layer fed the file's own "
+                 "input | end to end):"]
+        for kind, layers in self.lsb_diffs.items():
+            for name, views in layers.items():
+                local, e2e = (_hist_text(views[k]) for k in ("local", "end_to_end"))
+                lines.append(f"  {name:<12}{kind:<9}{local} | {e2e}")
+        return lines
+
     def format(self) -> str:
         """The size accounting and checks as a text table."""
         head = (f"{'layer':<12}{'op':<18}{'w bits':>7}{'stored':>7}{'a bits':>7}{'channels':>10}{'params':>9}"
@@ -117,6 +140,11 @@ class BbitsExportReport(ExportReport):
                 acc = (f", accuracy tflite {100 * v.accuracy_tflite:.2f}% vs bbits keras "
                        f"{100 * v.accuracy_keras:.2f}%")
             lines.append(f"verification on {v.n} inputs: top-1 agreement {100 * v.top1_agreement:.2f}%{acc}")
+            if v.top1_agreement_on_grid is not None:
+                lines.append(f"  against the model's output on the file's int8 output grid: "
+                             f"{100 * v.top1_agreement_on_grid:.2f}%; {v.grid_ties} input(s) tie on that grid "
+                             f"(two classes at the top code: the int8 output cannot separate them)")
+        lines.extend(self.format_lsb_diffs())
         if self.tflm_arena_bytes is not None:
             lines.append(f"TFLite Micro: arena {self.tflm_arena_bytes} B, max |TFLM - LiteRT| "
                          f"{self.tflm_max_lsb_diff:g} LSB over {self.tflm_samples} inputs")
@@ -125,3 +153,111 @@ class BbitsExportReport(ExportReport):
         lines.append("checks: " + ", ".join(f"{k} {'ok' if ok else 'FAILED'}" for k, ok in self.checks.items()))
         lines.extend(f"  problem: {p}" for p in self.problems)
         return "\n".join(lines)
+
+
+def _hist_text(hist: Dict[int, int]) -> str:
+    """``{-1: 3, 0: 99990, 1: 7}`` -> "exact 99.990%, +1: 7, -1: 3"; beyond +-1 only the share and the largest."""
+    total = sum(hist.values())
+    if not total:
+        return "-"
+    parts = [f"exact {100 * hist.get(0, 0) / total:.3f}%"]
+    parts += [f"{d:+d}: {hist[d]}" for d in (1, -1) if hist.get(d)]
+    beyond = sum(c for d, c in hist.items() if abs(d) > 1)
+    if beyond:
+        parts.append(f"|d|>1: {100 * beyond / total:.3f}% (max {max(abs(d) for d in hist)})")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+def _bias_tensors(tflite_bytes: bytes, names) -> Dict[str, Optional[flatbuffer.TensorInfo]]:
+    flat = flatbuffer.read(tflite_bytes)
+    out = {}
+    for op, w, b, o in flatbuffer.weight_tensors(flat):
+        name = flatbuffer.match_layer([w.name, o.name], list(names))
+        if name is not None:
+            out[name] = b
+    return out
+
+
+def layer_rows(report: ExportReport, plans: Mapping[str, LayerPlan], int4: frozenset, int2: frozenset,
+               in_channels: Mapping[str, int]):
+    """Per planned layer: learned bits and sizes beside the stored ones (``BbitsLayer``), and what does not match."""
+    biases = _bias_tensors(report.model_bytes, list(plans))
+    rows, problems = [], []
+    for layer in report.layers:
+        plan = plans[layer.name]
+        stored_bits = flatbuffer.BITS.get(layer.weight_type, 0)
+        max_codes = 2 ** min(plan.weight_bits, 8) - 1
+        if layer.distinct_codes > max_codes:
+            problems.append(f"{layer.name}: {layer.distinct_codes} distinct weight values > 2^{plan.weight_bits} - 1")
+        want = "INT4" if layer.name in int4 else "INT8"
+        if layer.name in int2:
+            want = "INT2"
+        if layer.weight_type != want:
+            problems.append(f"{layer.name}: {plan.weight_bits}-bit weights stored as {layer.weight_type}, "
+                            f"expected {want}")
+        lay = report.prune.layers.get(layer.name)
+        kept_in = lay.kept_in if lay is not None else in_channels[layer.name]
+        total_in = lay.total_in if lay is not None else in_channels[layer.name]
+        want_out = layer.total_out if plan.out_mask is None else int(plan.out_mask.sum())
+        if layer.op != "DEPTHWISE_CONV_2D" and layer.kept_out != want_out:
+            problems.append(f"{layer.name}: {layer.kept_out} output channels in the file, the gates keep {want_out}")
+        if plan.act_bits is None:
+            carried = "int8 over the representative range (float in the bbits model)"
+        elif plan.act_bits <= 8:
+            carried = f"int8, scale = learned step, zero point {layer.act_zero_point} (exact {plan.act_bits}-bit grid)"
+        else:
+            carried = f"int8 over the learned range (requantized from {plan.act_bits} bits)"
+        b = biases.get(layer.name)
+        rows.append(BbitsLayer(
+            name=layer.name, op=layer.op, weight_bits=plan.weight_bits, weight_step=plan.weight_step,
+            act_bits=plan.act_bits, act_step=plan.act_step, act_signed=plan.act_signed,
+            stored_weight_type=layer.weight_type, stored_weight_bits=stored_bits, act_carried_as=carried,
+            kept_out=layer.kept_out, total_out=layer.total_out, kept_in=int(kept_in), total_in=int(total_in),
+            params=layer.params, distinct_codes=layer.distinct_codes, max_codes=max_codes,
+            learned_weight_bytes=layer.params * plan.weight_bits / 8, stored_weight_bytes=layer.stored_bytes,
+            bias_params=0 if b is None else int(np.prod(b.shape)), stored_bias_bytes=0 if b is None else b.nbytes,
+            exact=layer.exact))
+    return rows, problems
+
+
+def to_int2(report: ExportReport, names) -> None:
+    """``pack_int2`` on the report's bytes, updating the report in place."""
+    data, changed = pack_int2(report.model_bytes, names)
+    if not changed:
+        return
+    flat = flatbuffer.read(data)
+    tensors = {}
+    for _, w, b, out in flatbuffer.weight_tensors(flat):
+        name = flatbuffer.match_layer([w.name, out.name], list(changed))
+        if name is not None:
+            tensors[name] = (w, b)
+    for layer in report.layers:
+        if layer.name in changed:
+            w, b = tensors[layer.name]
+            layer.weight_type, layer.weight_scale, layer.stored_bytes = w.type, w.scale, w.nbytes
+            layer.bias_scale = None if b is None else b.scale
+            moved = (f"; the int32 bias moved to the 7x coarser grid input scale x {w.scale:g}"
+                     if changed[layer.name]["bias_rescaled"] else "")
+            report.notes.append(f"{layer.name}: 2-bit weights stored as INT2 (experimental; LiteRT builtin kernels "
+                                f"only, not TFLite Micro){moved}")
+    report.model_bytes, report.file_bytes = data, len(data)
+    report.tensor_types = {}
+    for t in flat.tensors:
+        report.tensor_types[t.type] = report.tensor_types.get(t.type, 0) + 1
+
+
+def wide_layers(plans: Mapping[str, LayerPlan]) -> Dict[str, str]:
+    """Layers that learned 16 or 32 bits, and how the file carries them."""
+    out = {}
+    for name, plan in plans.items():
+        parts = []
+        if plan.weight_bits > 8:
+            parts.append(f"{plan.weight_bits}-bit weights stored as INT8 over the same range")
+        if plan.act_bits is not None and plan.act_bits > 8:
+            parts.append(f"{plan.act_bits}-bit activations carried as int8 over the same range")
+        if parts:
+            out[name] = ("; ".join(parts) + " (not exact; TFLite's 16x8 mode would need int16 activations in the "
+                         "whole model and is not used; nothing is kept float)")
+    return out
