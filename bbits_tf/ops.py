@@ -60,6 +60,27 @@ def round_ste(v):
     return tf.round(v), lambda dy: dy
 
 
+def code_limits(signed, bit_widths):
+    """``[(lo, hi)]``: the integer codes of each level's grid, ``+-(2^(b-1) - 1)`` (signed, ``2^b - 1`` levels) or
+    ``[0, 2^b - 1]`` (unsigned).
+
+    ``round(x_c / s_b)`` can land one code beyond them for a clipped value: the ``1 - 1e-7`` clip shrink is below
+    float32's resolution once ``s_b`` is built by chained divisions, so ``(1 - 1e-7) * 127.5`` can come out as
+    127.5 or more and round to 128. Every rounding is clipped to these codes, so the model's values lie exactly
+    on the grid that the exported integer tensors can hold.
+    """
+    if signed:
+        return [(-(2.0 ** (b - 1) - 1.0), 2.0 ** (b - 1) - 1.0) for b in bit_widths]
+    return [(0.0, 2.0 ** b - 1.0) for b in bit_widths]
+
+
+@tf.custom_gradient
+def round_code_ste(v, lo, hi):
+    """``clip(round(v), lo, hi)`` in the forward pass, identity gradient for ``v`` (the clip only removes float
+    rounding at the grid's edge)."""
+    return tf.clip_by_value(tf.round(v), lo, hi), lambda dy: (dy, None, None)
+
+
 def clip(x, x_max, signed):
     """Clips ``x`` to ``[-hi, hi]`` (signed) or ``[0, hi]`` (unsigned), ``hi = (1 - 1e-7) * x_max``.
 
@@ -167,7 +188,8 @@ def _levels(on, n_levels, fn):
 
 
 def _fused_quantize(x, x_max, coefs, signed, bit_widths, on):
-    """``sum_n coefs[n] * s_n * round(clip(x) / s_n)`` with straight-through gradients, written out.
+    """``sum_n coefs[n] * s_n * R_n`` with ``R_n = round(clip(x) / s_n)`` clipped to the level's integer codes
+    (``code_limits``), with straight-through gradients, written out.
 
     The traced gradient of the same expression (kept in ``residual_levels``/``gated_sum`` and tested equal) costs
     about two tensor-sized products, a division and two reductions per level; the written-out one needs one
@@ -177,6 +199,7 @@ def _fused_quantize(x, x_max, coefs, signed, bit_widths, on):
     route it: ties go to ``x``).
     """
     n_levels = len(bit_widths)
+    limits = code_limits(signed, bit_widths)
 
     @tf.custom_gradient
     def fused(x, x_max, coefs):
@@ -185,7 +208,11 @@ def _fused_quantize(x, x_max, coefs, signed, bit_widths, on):
         x_c = tf.maximum(tf.minimum(x, hi), lo)
         steps = step_sizes(x_max, signed, bit_widths)
         c = tf.unstack(coefs, num=n_levels)
-        out = _nested_sum(on, n_levels, lambda n: (c[n] * steps[n]) * tf.round(x_c / steps[n]))
+
+        def code(n):
+            return tf.clip_by_value(tf.round(x_c / steps[n]), *limits[n])
+
+        out = _nested_sum(on, n_levels, lambda n: (c[n] * steps[n]) * code(n))
 
         def grad(g):
             total = tf.reduce_sum(coefs)
@@ -193,7 +220,7 @@ def _fused_quantize(x, x_max, coefs, signed, bit_widths, on):
             dx = tf.where((x <= hi) & (x >= lo), g_c, tf.zeros_like(g_c))
             # R_n is recomputed: carrying it out of the forward pass's tf.cond would cost a tensor of zeros per
             # skipped level, where the forward pass needs one for the whole skipped tail.
-            g_r = _levels(on, n_levels, lambda n: tf.reduce_sum(g * tf.round(x_c / steps[n])))
+            g_r = _levels(on, n_levels, lambda n: tf.reduce_sum(g * code(n)))
             dcoefs = tf.stack([steps[n] * g_r[n] for n in range(n_levels)])
             g_x = tf.reduce_sum(g * x_c)
             dx_max = tf.add_n([c[n] * (steps[n] * g_r[n] - g_x) for n in range(n_levels)]) / x_max
@@ -218,7 +245,9 @@ def quantize_traced(x, x_max, signed, bit_widths, z_bits=None, alive=None):
     coefs, on = level_weights(z_bits, alive, len(bit_widths) - 1)
     c = tf.unstack(coefs, num=len(bit_widths))
     steps = step_sizes(x_max, signed, bit_widths)
-    return _nested_sum(on, len(bit_widths), lambda n: (c[n] * steps[n]) * round_ste(x_c / steps[n]))
+    limits = code_limits(signed, bit_widths)
+    return _nested_sum(on, len(bit_widths),
+                       lambda n: (c[n] * steps[n]) * round_code_ste(x_c / steps[n], *limits[n]))
 
 
 def bits_from_gates(z_bits, bit_widths):

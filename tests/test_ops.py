@@ -190,3 +190,25 @@ def test_bit_width_1_and_non_sequences_are_rejected(bad):
     # At 1 bit the symmetric grid (2^b - 1 levels) is the single level 0: every weight would become 0.
     with pytest.raises(ValueError, match="bit_widths"):
         ops.validate_bit_widths(bad)
+
+
+@pytest.mark.parametrize("bits", [(2,), (2, 4), (2, 4, 8), (8,)])
+def test_clipped_values_stay_on_the_grid(bits):
+    # For this x_max the chained 8-bit step makes (1 - 1e-7) * x_max / s_8 round to 128 in float32 (about 5 % of
+    # x_max values do): without clipping the codes, clipped weights sat one step beyond the 255-level grid, where
+    # the exported int8 tensor cannot follow them.
+    x_max = np.float32(2.6695685)
+    x = tf.constant([-10.0, -x_max, -1.0, 0.3, x_max, 10.0], tf.float32)
+    out = ops.quantize(x, x_max, True, bits).numpy()
+    step = 2.0 * x_max / (2.0 ** bits[-1] - 1.0)
+    codes = np.round(out / step)
+    top = 2 ** (bits[-1] - 1) - 1
+    assert codes.max() == top and codes.min() == -top
+    np.testing.assert_allclose(out / step, codes, atol=1e-3)  # on the grid
+    traced = ops.quantize_traced(x, x_max, True, bits).numpy()
+    np.testing.assert_array_equal(out, traced)
+
+
+def test_code_limits():
+    assert ops.code_limits(True, (2, 4, 8)) == [(-1.0, 1.0), (-7.0, 7.0), (-127.0, 127.0)]
+    assert ops.code_limits(False, (2, 8)) == [(0.0, 3.0), (0.0, 255.0)]
