@@ -1,10 +1,13 @@
 """BOP accounting (spec section 5): MACs from the model graph, bit widths and kept channels from the gates.
 
 ``BOPs = sum_L MACs_L * bits(input activation of L) * bits(weights of L) * keep_L`` and the reference is
-``sum_L MACs_L * 32 * 32``. ``keep_L`` is the fraction of (output channel, input channel) pairs still alive:
-a channel pruned by a producer also removes the consumer's input channel, across pooling, Flatten (where one
-channel maps to H*W inputs) and Concatenate. The model input counts as 8 bits; a tensor that a float layer
-computed (e.g. an Add, a BatchNormalization) counts as 32 bits.
+``sum_L MACs_L * 32 * 32``, over the MAC layers L (Conv2D, DepthwiseConv2D, Dense, FoldedBatchNorm). The input
+bits of L are those of the quantizer that really produced its input: the output quantizer of the MAC unit,
+Add, Concatenate, pooling or activation layer before it, found through pass-through layers (which carry the
+grid). The model input counts as 8 bits; a tensor that a float layer computed counts as 32 bits. ``keep_L``
+is the fraction of (output channel, input channel) pairs still alive: a channel pruned by a producer also
+removes the consumer's input channel, across pooling, Flatten (where one channel maps to H*W inputs),
+Concatenate (masks concatenate) and Add (a channel is alive if any input keeps it).
 
 Deterministic BOPs use the test-time gates; expected BOPs use the gates' keep probabilities (each quantizer's
 expected bit width, with the truncation applied, and the mean keep probability of the channels).
@@ -13,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from bbits_tf import configs, graph
+from bbits_tf import graph
 from bbits_tf._keras import keras
 from bbits_tf.quantize import bayesian_bits_quantizers
 
@@ -68,19 +71,26 @@ def _out_keep(entry, n_out, expected):
 
 
 def _merge(model, layer, inputs):
+    """The tensor a non-MAC layer outputs (before its own output quantizer, if any)."""
     inner = graph.inner_layer(layer)
     if isinstance(inner, keras.layers.Concatenate):
         return _Tensor(max(t.bits for t in inputs), np.concatenate([t.keep for t in inputs]))
-    if isinstance(inner, keras.layers.Flatten):
+    n_out = int(graph.output_shape(model, layer)[-1])
+    if isinstance(inner, (keras.layers.Flatten, keras.layers.Reshape)):
         (t,) = inputs
-        positions = int(np.prod(graph.input_shape(model, layer)[1:-1] or [1]))
-        return _Tensor(t.bits, np.tile(t.keep, positions))
+        if len(t.keep) == n_out:
+            return t
+        positions = n_out // len(t.keep)
+        if positions * len(t.keep) == n_out:  # channels last: output (h * W + w) * C + c is channel c
+            return _Tensor(t.bits, np.tile(t.keep, positions))
+        return _Tensor(t.bits, np.full(n_out, float(np.mean(t.keep))))
     if graph.is_passthrough(layer):
         return inputs[0]
-    n_out = int(graph.output_shape(model, layer)[-1])
-    if isinstance(inner, keras.layers.Add) or isinstance(inner, keras.layers.Maximum):
+    if isinstance(inner, (keras.layers.Add, keras.layers.Maximum)):
         keep = 1.0 - np.prod([1.0 - t.keep for t in inputs], axis=0)
         return _Tensor(float(FLOAT_BITS), keep)
+    if isinstance(inner, graph.GRID_LAYERS) and len(inputs) == 1 and len(inputs[0].keep) == n_out:
+        return _Tensor(float(FLOAT_BITS), inputs[0].keep)  # pooling, activation: channel by channel
     return _Tensor(float(FLOAT_BITS), np.ones(n_out))
 
 
@@ -100,12 +110,14 @@ def layer_bops(model, *, expected=False, input_bits=INPUT_BITS):
             tensors[id(layer)] = _Tensor(float(input_bits), np.ones(int(graph.output_shape(model, layer)[-1])))
             continue
         inputs = [tensors[id(src)] for src in graph.inbound_layers(model, layer)]
-        spec = configs.kernel_spec(graph.inner_layer(layer))
-        if spec is None or layer.name not in state:
-            tensors[id(layer)] = _merge(model, layer, inputs)
+        roles = state.get(layer.name, {})
+        if not graph.is_mac(layer) or "weight" not in roles:
+            tensor = _merge(model, layer, inputs)
+            if "activation" in roles:
+                tensor = _Tensor(_bits(roles["activation"], expected), tensor.keep)
+            tensors[id(layer)] = tensor
             continue
         (t_in,) = inputs
-        roles = state[layer.name]
         n_out = int(graph.output_shape(model, layer)[-1])
         keep_out = _out_keep(roles.get("weight"), n_out, expected)
         keep_in = t_in.keep

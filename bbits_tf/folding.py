@@ -161,8 +161,8 @@ class FoldedBatchNorm(keras.layers.Layer):
     kernel) is built on this layer (``quantizer.build(kernel_shape, kernel_name, self)``: its variables and its
     regularizer loss belong to this layer) and quantizes the *folded* kernel, so its range sees ``W_f`` and its
     pruning gates ``z_2`` multiply ``W_f``'s channels. With ``prune`` and ``mask_bias`` the folded bias is
-    multiplied by the same ``z_2`` sample, so a pruned channel outputs ``act(0)``; ``mask_bias=False`` keeps
-    the reference behaviour (the BN shift passes through).
+    multiplied by the same ``z_2`` sample (``BayesianBitsQuantizer.quantize_with_gates``), so a pruned channel
+    outputs ``act(0)``; ``mask_bias=False`` keeps the reference behaviour (the BN shift passes through).
 
     Like Keras' BatchNormalization, the BN runs on its running statistics (no update) when ``freeze_bn`` is set
     or the layer is not trainable; the quantizer still follows ``training`` (sampled gates in training). All
@@ -188,6 +188,8 @@ class FoldedBatchNorm(keras.layers.Layer):
     ``beta``, ``moving_mean``, ``moving_variance``), so tfmot's ``ModelTransformer`` copies the merged weights by
     name (``tests/test_folding.py`` runs exactly this transform). The output quantizer then comes from a
     ``QuantizeWrapper`` around this layer whose config has no weight quantizer (the kernel's is inside).
+    ``quantize_model`` does all this through ``bbits_tf.scheme.BayesianBitsLayoutTransform`` (units chosen by
+    ``bbits_tf.graph.mac_units``); ``bayesian_bits_quantizers`` lists the inner weight quantizer with the wrapper.
 
     Args:
         mac_layer: ``{"class_name": "Conv2D" | "DepthwiseConv2D" | "Dense", "config": layer.get_config()}``.
@@ -340,10 +342,6 @@ class FoldedBatchNorm(keras.layers.Layer):
         if self.weight_quantizer is not None:
             q = self.weight_quantizer
             object.__setattr__(self, "_quantizer_vars", q.build(tf.TensorShape(kernel_shape), self.kernel_name, self))
-            if getattr(q, "prune", False) and getattr(q, "mask_bias", False) and hasattr(q, "_bias"):
-                # The quantizer multiplies a masked bias by the z_2 sample it applies to the kernel and returns
-                # (kernel, bias * z_2): with a bias of ones that is the sample itself, used on the folded bias.
-                q._bias = np.ones(n_out, np.float32)  # pylint: disable=protected-access
         self.input_spec = (keras.layers.InputSpec(min_ndim=2, axes={-1: c_in}) if self.mac_kind == "Dense"
                            else keras.layers.InputSpec(ndim=4, axes={-1: c_in}))
         super().build(input_shape)
@@ -354,11 +352,19 @@ class FoldedBatchNorm(keras.layers.Layer):
         beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([n_out], tf.float32)
         return gamma, beta
 
+    def _masks_bias(self):
+        q = self.weight_quantizer
+        return bool(getattr(q, "prune", False) and getattr(q, "mask_bias", False))
+
     def _quantize(self, folded, training):
         """``(Q(W_f), channel mask or None)``: the mask is the pruning gates' sample when the bias is masked."""
-        if self.weight_quantizer is None:
+        q = self.weight_quantizer
+        if q is None:
             return folded, None
-        out = self.weight_quantizer(folded, training, self._quantizer_vars)
+        if isinstance(q, BayesianBitsQuantizer):
+            kernel_q, z2 = q.quantize_with_gates(folded, training, self._quantizer_vars)
+            return kernel_q, (z2 if self._masks_bias() else None)
+        out = q(folded, training, self._quantizer_vars)
         if isinstance(out, (tuple, list)):
             return out[0], out[1]
         return out, None
@@ -433,8 +439,7 @@ class FoldedBatchNorm(keras.layers.Layer):
         bias = fold_bias(gamma, beta, tf.convert_to_tensor(self.moving_mean),
                          tf.convert_to_tensor(self.moving_variance), self.epsilon,
                          tf.convert_to_tensor(self.bias) if self.use_bias else None).numpy()
-        q = self.weight_quantizer
-        if q is not None and getattr(q, "_bias", None) is not None:
+        if self._masks_bias():
             bias = bias * self.channel_mask()
         return bias
 

@@ -1,27 +1,59 @@
-"""Reading a Sequential or Functional tf_keras model as a graph: producers, consumers, MACs."""
+"""Reading a Sequential or Functional tf_keras model as a graph: producers, consumers, MAC units, MACs.
+
+One walker for quantize, BOP counting and export. Vocabulary:
+
+- a **MAC layer** computes multiply-accumulates: Conv2D, DepthwiseConv2D, Dense, or a ``FoldedBatchNorm`` (such
+  a layer with its BatchNormalization folded in), bare or inside a tfmot ``QuantizeWrapper``;
+- a **MAC unit** of a float model is a MAC layer with the BatchNormalization it folds and the activation layer
+  it absorbs (``mac_units``); after ``quantize_model`` a unit is one layer;
+- a **pass-through** layer moves values or channels without computing new ones (pooling by max, Flatten,
+  Reshape, padding, Dropout): a quantized tensor stays on its grid and a pruned channel stays pruned;
+- a **grid** layer computes new values from its inputs (Add, Concatenate, average pooling, a separate
+  activation layer): its output gets its own activation quantizer where it is consumed.
+"""
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
 from bbits_tf import configs
 from bbits_tf._keras import keras, tfmot
+from bbits_tf.folding import FoldedBatchNorm
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
 
-# Layers that move values or channels around without computing new values: a quantized tensor stays on its
-# grid and a pruned channel stays pruned when it passes through them.
 PASSTHROUGH = (
     keras.layers.MaxPooling1D,
     keras.layers.MaxPooling2D,
     keras.layers.MaxPooling3D,
+    keras.layers.GlobalMaxPooling1D,
     keras.layers.GlobalMaxPooling2D,
     keras.layers.Flatten,
+    keras.layers.Reshape,
     keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
     keras.layers.SpatialDropout2D,
+    keras.layers.ZeroPadding1D,
     keras.layers.ZeroPadding2D,
+    keras.layers.Cropping1D,
     keras.layers.Cropping2D,
-    keras.layers.Concatenate,
     keras.layers.InputLayer,
 )
+# Separate activation layers: absorbed into the MAC unit before them, or quantized on their own.
+ACTIVATION_LAYERS = (keras.layers.ReLU, keras.layers.Activation)
+# Layers whose output is new values on no input's grid: each gets an output quantizer where it is consumed.
+GRID_LAYERS = (
+    keras.layers.Add,
+    keras.layers.Concatenate,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+) + ACTIVATION_LAYERS
+# Grid layers whose output grid is also the grid of their inputs in an integer (TFLite) graph: an activation
+# fused into the layer before it, a concatenation (one scale for all inputs and the output). A tensor read only
+# by such layers gets no quantizer of its own.
+REGRID_LAYERS = (keras.layers.Concatenate,) + ACTIVATION_LAYERS
 
 
 def inner_layer(layer):
@@ -81,33 +113,215 @@ def output_shape(model, layer):
     return tuple(tf.nest.flatten(node.outputs)[0].shape)
 
 
-def layer_macs(model, layer):
-    """Multiply-accumulates of one Conv2D, DepthwiseConv2D or Dense call at batch 1 (bias ignored)."""
+def is_mac(layer):
+    """Whether ``layer`` (bare or wrapped) is a Conv2D, DepthwiseConv2D, Dense or ``FoldedBatchNorm``."""
     inner = inner_layer(layer)
-    out_shape = output_shape(model, layer)
-    in_shape = input_shape(model, layer)
-    if isinstance(inner, keras.layers.DepthwiseConv2D):
-        kh, kw, c_in, mult = (int(d) for d in inner.depthwise_kernel.shape)
-        return int(np.prod(out_shape[1:-1])) * kh * kw * c_in * mult
-    if isinstance(inner, keras.layers.Conv2D):
-        kh, kw, c_in_per_group, c_out = (int(d) for d in inner.kernel.shape)
-        return int(np.prod(out_shape[1:-1])) * kh * kw * c_in_per_group * c_out
-    if isinstance(inner, keras.layers.Dense):
-        n_in, n_out = (int(d) for d in inner.kernel.shape)
-        return int(np.prod(in_shape[1:-1] or [1])) * n_in * n_out
-    raise ValueError(f"MACs are counted for Conv2D, DepthwiseConv2D and Dense only. Received: layer={layer.name}")
+    return isinstance(inner, FoldedBatchNorm) or configs.kernel_spec(inner) is not None
+
+
+def is_grid(layer):
+    return isinstance(inner_layer(layer), GRID_LAYERS)
+
+
+def mac_kind(layer):
+    """``"Conv2D"``, ``"DepthwiseConv2D"`` or ``"Dense"`` of a MAC layer (a ``FoldedBatchNorm``: its MAC layer)."""
+    inner = inner_layer(layer)
+    if isinstance(inner, FoldedBatchNorm):
+        return inner.mac_kind
+    if configs.kernel_spec(inner) is not None:
+        return next(cls.__name__ for cls in configs.KERNELS if isinstance(inner, cls))  # DepthwiseConv2D first
+    raise ValueError(
+        "MACs are counted for Conv2D, DepthwiseConv2D, Dense and FoldedBatchNorm layers only. "
+        f"Received: layer={getattr(layer, 'name', layer)!r} of type {type(inner).__name__}"
+    )
+
+
+def kernel_shape(layer):
+    """Shape of a MAC layer's kernel (for a ``FoldedBatchNorm``: the folded MAC layer's)."""
+    inner = inner_layer(layer)
+    if isinstance(inner, FoldedBatchNorm):
+        return tuple(int(d) for d in inner.kernel.shape)
+    attr = "depthwise_kernel" if mac_kind(layer) == "DepthwiseConv2D" else "kernel"
+    return tuple(int(d) for d in getattr(inner, attr).shape)
+
+
+def layer_macs(model, layer):
+    """Multiply-accumulates of one MAC layer call at batch 1 (bias and folded BatchNorm ignored)."""
+    kind = mac_kind(layer)
+    shape = kernel_shape(layer)
+    if kind == "Dense":
+        n_in, n_out = shape
+        return int(np.prod(input_shape(model, layer)[1:-1] or [1])) * n_in * n_out
+    spatial = int(np.prod(output_shape(model, layer)[1:-1]))
+    return spatial * int(np.prod(shape))  # (kh, kw, c_in, mult) or (kh, kw, c_in / groups, c_out)
+
+
+def consumers(model, layer):
+    """Layers that read ``layer``'s output, following pass-through layers (which are not listed)."""
+    found, seen, stack = [], set(), list(outbound_layers(model, layer))
+    while stack:
+        nxt = stack.pop(0)
+        if id(nxt) in seen:
+            continue
+        seen.add(id(nxt))
+        if is_passthrough(nxt):
+            stack.extend(outbound_layers(model, nxt))
+        else:
+            found.append(nxt)
+    return found
 
 
 def quantizable_consumers(model, layer):
-    """Supported layers that read ``layer``'s output, following passthrough layers."""
-    found, stack = [], list(outbound_layers(model, layer))
-    while stack:
-        nxt = stack.pop()
-        if configs.kernel_spec(inner_layer(nxt)) is not None:
-            found.append(nxt)
-        elif is_passthrough(nxt):
-            stack.extend(outbound_layers(model, nxt))
-    return found
+    """MAC layers that read ``layer``'s output, following pass-through layers."""
+    return [c for c in consumers(model, layer) if is_mac(c)]
+
+
+def consumer_macs(model, layer):
+    """Summed MACs of the MAC layers that read ``layer``'s output (through pass-through layers)."""
+    return sum(layer_macs(model, c) for c in quantizable_consumers(model, layer))
+
+
+def layer_activation(layer):
+    """The activation a ReLU or Activation layer applies, serialized (``"relu"``, ``"relu6"``, ...), or ``None``
+    when it is not one a MAC unit can absorb (a leaky, thresholded or otherwise capped ReLU)."""
+    if isinstance(layer, keras.layers.Activation):
+        try:
+            return keras.activations.serialize(layer.activation)
+        except ValueError:  # e.g. a lambda: it cannot be saved as part of another layer's config
+            return None
+    if isinstance(layer, keras.layers.ReLU):
+        if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
+            return None
+        if layer.max_value is None:
+            return "relu"
+        return "relu6" if float(layer.max_value) == 6.0 else None
+    return None
+
+
+def nonnegative(model, layer, _memo=None):
+    """Whether ``layer``'s output is never negative (its output quantizer is then unsigned).
+
+    True after a ReLU-like activation (fused, absorbed or a separate layer), and through pass-through layers,
+    Add, Concatenate and average pooling of such tensors. The model input is not assumed non-negative.
+    """
+    memo = {} if _memo is None else _memo
+    if id(layer) in memo:
+        return memo[id(layer)]
+    inner = inner_layer(layer)
+    if is_mac(inner):
+        result = configs.activation_is_unsigned(inner)
+    elif isinstance(inner, keras.layers.ReLU):
+        result = float(inner.negative_slope) == 0.0 and float(inner.threshold) >= 0.0
+    elif isinstance(inner, keras.layers.Activation):
+        result = configs.activation_is_unsigned(inner)
+    elif isinstance(inner, keras.layers.InputLayer):
+        result = False
+    elif is_passthrough(inner) or isinstance(inner, GRID_LAYERS):
+        sources = inbound_layers(model, layer)
+        result = bool(sources) and all(nonnegative(model, src, memo) for src in sources)
+    else:
+        result = False
+    memo[id(layer)] = result
+    return result
+
+
+@dataclasses.dataclass
+class MacUnit:
+    """A MAC layer of a float model, the BatchNormalization folded into it and the activation layer it absorbs.
+
+    ``quantize_model`` turns a unit into one layer (a ``FoldedBatchNorm`` with a BatchNormalization, else the
+    MAC layer with the absorbed activation fused) with one output quantizer after the activation.
+    """
+
+    mac: object
+    batch_norm: object = None
+    activation_layer: object = None
+    unfolded_batch_norm: object = None  # a BatchNormalization after the MAC layer that does not fold
+    not_folded: str = None  # why it does not fold
+
+    @property
+    def name(self):
+        return self.mac.name
+
+    @property
+    def output(self):
+        """The unit's last layer in the float model: its output is the unit's output."""
+        for layer in (self.activation_layer, self.batch_norm):
+            if layer is not None:
+                return layer
+        return self.mac
+
+    @property
+    def activation(self):
+        """The serialized activation at the unit's output."""
+        if self.activation_layer is not None:
+            return layer_activation(self.activation_layer)
+        return keras.activations.serialize(self.mac.activation)
+
+    @property
+    def absorbed(self):
+        """The layers after the MAC layer that the unit replaces."""
+        return [layer for layer in (self.batch_norm, self.activation_layer) if layer is not None]
+
+
+def _single_consumer(model, layer):
+    """The one layer that reads ``layer``'s output, or ``None`` (several readers, or a model output)."""
+    if any(layer is out for out in model._output_layers):  # pylint: disable=protected-access
+        return None
+    readers = outbound_layers(model, layer)
+    if len(readers) != 1 or call_count(model, readers[0]) != 1:
+        return None
+    return readers[0]
+
+
+def _fold_problem(model, mac, bn):
+    """Why ``bn`` (which reads ``mac``'s output) cannot fold into ``mac``, or ``None``."""
+    from bbits_tf import folding  # pylint: disable=import-outside-toplevel
+
+    activation = keras.activations.serialize(mac.activation)
+    if mac.activation is not keras.activations.linear:
+        return (f"it follows {mac.name}, whose {activation!r} activation comes before it "
+                "(BatchNormalization(activation(conv)) does not fold); it runs in float")
+    if _single_consumer(model, mac) is not bn:
+        return f"{mac.name}'s unnormalised output is also read elsewhere, so it cannot fold; it runs in float"
+    rank = len(output_shape(model, mac))
+    axes = [a % rank for a in tf.nest.flatten(bn.axis)]
+    if axes != [rank - 1]:
+        return f"it normalises axis {bn.axis}, not the channel axis, so it cannot fold; it runs in float"
+    try:
+        folding._check_foldable(mac, bn)  # pylint: disable=protected-access
+    except ValueError as error:
+        return f"it cannot fold ({error}); it runs in float"
+    return None
+
+
+def mac_units(model):
+    """``{MAC layer name: MacUnit}`` of a float model, in graph order (the one place that decides folding).
+
+    A Conv2D, DepthwiseConv2D or Dense layer with a linear activation whose only reader is a (channels-last,
+    plain) BatchNormalization folds it; the unit then absorbs a ReLU (uncapped or ReLU6) or ``Activation``
+    layer that is the only reader of the BatchNormalization. Without a BatchNormalization, a MAC layer with a
+    linear activation absorbs such an activation layer the same way. Layers read by several layers or that
+    are model outputs are never absorbed (their value is needed as it is).
+    """
+    units = {}
+    for layer in topological_layers(model):
+        if configs.kernel_spec(layer) is None:
+            continue
+        unit = MacUnit(layer)
+        norms = [r for r in outbound_layers(model, layer) if isinstance(r, keras.layers.BatchNormalization)]
+        if norms:
+            problem = _fold_problem(model, layer, norms[0])
+            if problem is None:
+                unit.batch_norm = norms[0]
+            else:
+                unit.unfolded_batch_norm, unit.not_folded = norms[0], problem
+        if layer.activation is keras.activations.linear and unit.unfolded_batch_norm is None:
+            act = _single_consumer(model, unit.output)
+            if isinstance(act, ACTIVATION_LAYERS) and layer_activation(act) is not None:
+                unit.activation_layer = act
+        units[layer.name] = unit
+    return units
 
 
 def feeds_output(model, layer):

@@ -1,7 +1,7 @@
-"""Reference architectures of the paper (spec section 7): LeNet5 for MNIST and VGG7 for CIFAR10.
+"""Reference architectures: LeNet5 for MNIST and VGG7 for CIFAR10 (spec section 7), and a CIFAR-style ResNet20.
 
-Both are plain float tf_keras ``Sequential`` models that end in logits (no softmax); ``quantize_model`` turns them
-into Bayesian Bits models. Weights start from PyTorch's defaults for ``Conv2d``/``Linear`` (spec 7.1):
+All are plain float tf_keras models that end in logits (no softmax); ``quantize_model`` turns them into Bayesian
+Bits models (folding every BatchNormalization into the convolution before it, spec section 6). Weights start from PyTorch's defaults for ``Conv2d``/``Linear`` (spec 7.1):
 kernels ``VarianceScaling(scale=1/3, mode="fan_in", distribution="uniform")``, i.e. U(+-1/sqrt(fan_in)), and
 biases U(+-1/sqrt(fan_in)) through ``FanInUniform``.
 """
@@ -9,7 +9,7 @@ import math
 
 from bbits_tf._keras import keras
 
-__all__ = ["FanInUniform", "lenet5", "vgg7"]
+__all__ = ["FanInUniform", "lenet5", "resnet20", "vgg7"]
 
 # PyTorch BatchNorm defaults (eps 1e-5, momentum 0.1); Keras' momentum is the weight of the old value.
 _BN_EPSILON = 1e-5
@@ -96,9 +96,9 @@ def vgg7(input_shape=(32, 32, 3), num_classes=10):
     then ``flatten``, ``fc1`` (1024, no bias) + ``fc1_bn`` + ``fc1_relu``, and ``fc2`` (``num_classes`` logits, with
     bias). BatchNorm uses PyTorch's defaults (epsilon 1e-5, momentum 0.1, i.e. Keras ``momentum=0.9``).
 
-    Deviation from the paper (spec section 6): here BatchNorm is a separate Keras layer. The paper folds it into
-    the quantized convolution during training (the quantizer sees ``W * gamma / sigma``); that folding is still
-    to be done, so for now the weight quantizer would see the unfolded ``W``.
+    BatchNorm is a separate Keras layer in this float model; ``quantize_model`` folds each ``conv -> bn -> relu``
+    into one ``FoldedBatchNorm`` unit whose weight quantizer sees ``W * gamma / sigma`` (spec section 6), with one
+    unsigned output quantizer after the ReLU, as the paper does.
 
     Parameters with the defaults: 12,973,450 weights and biases plus 5,632 BN affine values (gamma, beta), which
     are the 12,979,082 trainable parameters; Keras adds 5,632 non-trainable BN moving means and variances, for
@@ -131,3 +131,51 @@ def vgg7(input_shape=(32, 32, 3), num_classes=10):
     layers.append(keras.layers.Dense(num_classes, kernel_initializer=_kernel_init(),
                                      bias_initializer=FanInUniform(1024), name="fc2"))
     return keras.Sequential(layers, name="vgg7")
+
+
+def resnet20(input_shape=(32, 32, 3), num_classes=10):
+    """ResNet20 for CIFAR10 (He et al. 2016, section 4.2): a 3x3 stem and 3 stages of 3 basic blocks.
+
+    ``conv1`` (16 3x3) + ``conv1_bn`` + ``conv1_relu``; stages with 16, 32 and 64 filters, the first block of
+    stages 2 and 3 with stride 2. Block ``stageS_blockB``: ``_conv1`` (3x3, stride) + ``_bn1`` + ``_relu1``,
+    ``_conv2`` (3x3) + ``_bn2``, the shortcut, ``_add``, ``_relu``. Then ``pool`` (global average) and ``fc``
+    (``num_classes`` logits, with bias). Convolutions are "same" and have no bias; BatchNorm uses PyTorch's
+    defaults (epsilon 1e-5, momentum 0.1). Initialisation as ``lenet5``.
+
+    Deviation from the paper's option A (identity shortcut with zero-padded channels): a block that changes the
+    shape uses a projection shortcut, ``_shortcut`` (1x1, stride 2) + ``_shortcut_bn`` (option B), so every
+    layer is a Keras layer that Bayesian Bits quantizes (no Lambda). With the defaults it has 272,474 trainable
+    parameters (269,722 in option A; 274,042 with the BN moving statistics) and 40,813,184 MACs at 32x32.
+
+    Args:
+        input_shape: ``(height, width, channels)`` of one image, NHWC.
+        num_classes: number of logits.
+
+    Returns:
+        An uncompiled functional ``keras.Model`` named ``"resnet20"``.
+    """
+    _check(input_shape, num_classes)
+
+    def conv(filters, kernel, strides, name):
+        return keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
+                                   kernel_initializer=_kernel_init(), name=name)
+
+    def bn(name):
+        return keras.layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=_BN_MOMENTUM, name=name)
+
+    inputs = keras.Input(shape=tuple(input_shape))
+    x = keras.layers.ReLU(name="conv1_relu")(bn("conv1_bn")(conv(16, 3, 1, "conv1")(inputs)))
+    for stage, filters in enumerate((16, 32, 64), start=1):
+        for block in range(1, 4):
+            name = f"stage{stage}_block{block}"
+            strides = 2 if stage > 1 and block == 1 else 1
+            y = keras.layers.ReLU(name=f"{name}_relu1")(bn(f"{name}_bn1")(conv(filters, 3, strides, f"{name}_conv1")(x)))
+            y = bn(f"{name}_bn2")(conv(filters, 3, 1, f"{name}_conv2")(y))
+            shortcut = x
+            if strides != 1 or int(x.shape[-1]) != filters:
+                shortcut = bn(f"{name}_shortcut_bn")(conv(filters, 1, strides, f"{name}_shortcut")(x))
+            x = keras.layers.ReLU(name=f"{name}_relu")(keras.layers.Add(name=f"{name}_add")([y, shortcut]))
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(num_classes, kernel_initializer=_kernel_init(), bias_initializer=FanInUniform(64),
+                                 name="fc")(x)
+    return keras.Model(inputs, outputs, name="resnet20")

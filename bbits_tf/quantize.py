@@ -6,8 +6,10 @@ import tensorflow as tf
 
 from bbits_tf import checks, configs, graph
 from bbits_tf._keras import keras, tfmot
+from bbits_tf.folding import FoldedBatchNorm
 from bbits_tf.gates import DEFAULT_INIT_LOG_ALPHA, get_gate_kind
 from bbits_tf.ops import validate_bit_widths
+from bbits_tf.quantizers import BayesianBitsQuantizer
 from bbits_tf.scheme import BayesianBitsQuantizeScheme
 
 logger = logging.getLogger("bbits_tf")
@@ -17,13 +19,24 @@ _qkeras = tfmot.quantization.keras
 
 @dataclasses.dataclass
 class QuantizeReport:
-    """What ``quantize_model`` did: quantized layers, and layers left float with the reason."""
+    """What ``quantize_model`` did: quantized layers, and layers left float with the reason.
+
+    ``quantized``: the MAC layers (each with a weight quantizer); ``activations``: other layers whose output
+    got an activation quantizer (Add, Concatenate, average pooling, a separate activation layer); ``folded``:
+    ``(layer, type, MAC layer)`` for each BatchNormalization or activation layer that became part of a MAC
+    unit; ``skipped``: ``(layer, type, reason)`` for every other layer.
+    """
 
     quantized: list
     skipped: list  # (layer name, layer type, reason)
+    activations: list = dataclasses.field(default_factory=list)
+    folded: list = dataclasses.field(default_factory=list)  # (layer name, layer type, MAC layer name)
 
     def format(self):
         lines = [f"bbits_tf: quantized {len(self.quantized)} layers: {', '.join(self.quantized)}"]
+        if self.activations:
+            lines.append(f"  output quantizers on: {', '.join(self.activations)}")
+        lines += [f"  folded: {name} ({kind}) into {into}" for name, kind, into in self.folded]
         lines += [f"  left float: {name} ({kind}): {reason}" for name, kind, reason in self.skipped]
         return "\n".join(lines)
 
@@ -72,17 +85,72 @@ def load_model(path, **kwargs):
         return keras.models.load_model(path, **kwargs)
 
 
-def _skip_reason(layer):
+# Layer types that compute with weights but are not supported: left float, with this reason.
+_UNSUPPORTED = (
+    (keras.layers.Conv1D, "Conv1D is not supported (Conv2D, DepthwiseConv2D and Dense are); its weights stay float"),
+    (keras.layers.Conv3D, "Conv3D is not supported (Conv2D, DepthwiseConv2D and Dense are); its weights stay float"),
+    (keras.layers.SeparableConv1D, "SeparableConv1D is not supported; its weights stay float"),
+    (keras.layers.SeparableConv2D,
+     "SeparableConv2D is not supported (build it as DepthwiseConv2D + 1x1 Conv2D to quantize it); "
+     "its weights stay float"),
+    (keras.layers.RNN, "recurrent layers are not supported; the layer runs in float"),
+    (keras.layers.Bidirectional, "recurrent layers are not supported; the layer runs in float"),
+    (keras.layers.Embedding, "Embedding is not supported; its weights stay float"),
+)
+
+
+def _skip_reason(model, layer, units):
     if graph.is_passthrough(layer):
         return "passes values through unchanged (nothing to quantize)"
     if isinstance(layer, configs.UNSUPPORTED_SUBCLASSES):
         return (f"{type(layer).__name__} is not supported (it subclasses Conv2D but its kernel is laid out "
                 "(kh, kw, filters_out, filters_in) and its MACs differ); its weights stay float")
+    for cls, reason in _UNSUPPORTED:
+        if isinstance(layer, cls):
+            return reason
     if isinstance(layer, keras.layers.BatchNormalization):
-        return "BatchNormalization is not folded into the quantized layer yet; it runs in float"
+        for unit in units.values():
+            if unit.unfolded_batch_norm is layer:
+                return f"BatchNormalization not folded: {unit.not_folded}"
+        return ("BatchNormalization not folded: it does not follow a Conv2D, DepthwiseConv2D or Dense layer "
+                "with a linear activation; it runs in float")
+    if graph.is_grid(layer):
+        if graph.feeds_output(model, layer):
+            return "its output is a model output, which stays float"
+        return ("its readers (an activation or Concatenate layer) quantize it: in an integer graph they share "
+                "one grid")
     if not layer.weights:
         return "computes in float (no Bayesian Bits config for this layer type)"
     return "layer type not supported (Conv2D, DepthwiseConv2D and Dense are); its weights stay float"
+
+
+def _activation_sites(model, units):
+    """``{name: (layer, signed, consumer MACs)}`` of the tensors that get an activation quantizer.
+
+    Candidates are the outputs of the MAC units (keyed by the MAC layer's name) and of the grid layers (Add,
+    Concatenate, average pooling, separate activation layers). A tensor that reaches a model output (through
+    pass-through layers) stays float (the logits), and a tensor read only by quantized Concatenate or
+    activation layers gets no quantizer of its own: in an integer graph it takes their grid (one scale per
+    concatenation; a ReLU fused into the layer before it). ``signed`` is ``False`` for a tensor that cannot be
+    negative; ``consumer MACs`` sums the MACs of every MAC layer that reads it through pass-through layers.
+    """
+    unit_of_output = {id(u.output): u for u in units.values()}
+    absorbed = {id(layer) for u in units.values() for layer in u.absorbed}
+    candidates = []
+    for layer in graph.topological_layers(model):
+        if id(layer) in unit_of_output:
+            candidates.append((unit_of_output[id(layer)].name, layer))
+        elif graph.is_grid(layer) and id(layer) not in absorbed:
+            candidates.append((layer.name, layer))
+    sites, memo = {}, {}
+    for name, layer in reversed(candidates):  # readers before the tensors they read
+        if graph.feeds_output(model, layer):
+            continue
+        readers = graph.consumers(model, layer)
+        if readers and all(isinstance(r, graph.REGRID_LAYERS) and r.name in sites for r in readers):
+            continue
+        sites[name] = (layer, not graph.nonnegative(model, layer, memo), graph.consumer_macs(model, layer))
+    return {name: sites[name] for name, _ in candidates if name in sites}
 
 
 def quantize_model(
@@ -99,11 +167,18 @@ def quantize_model(
     """Returns a Bayesian Bits quantization-aware copy of a Sequential or Functional tf_keras model.
 
     Every Conv2D, DepthwiseConv2D and Dense layer gets a gated residual weight quantizer (with per-channel
-    pruning gates if ``prune``) and a quantizer on its output after the activation function. The last layer's
-    output (the logits) stays float and its weights are never pruned. The model input is not quantized and
-    counts as 8 bits. The regularizer ``mu * sum_k R_k`` (spec section 4) is part of ``model.losses``, so an
-    ordinary ``compile``/``fit`` trains weights, ranges and gates. Other layers stay float; they are listed
-    with a reason in ``model.bbits_report`` and in the log.
+    pruning gates if ``prune``) and a quantizer on its output after the activation function. A
+    BatchNormalization right after such a layer (linear activation) is folded into it during training (spec
+    section 6, ``bbits_tf.folding.FoldedBatchNorm``: the weight quantizer sees ``W * gamma / sigma``), and a
+    ReLU, ReLU6 or ``Activation`` layer after the unit is absorbed, so the output quantizer sits after the
+    activation (unsigned after a ReLU). The outputs of Add, Concatenate, average pooling and separate
+    activation layers get their own quantizer where they are consumed (one grid for a concatenation, whose
+    inputs then get none); pass-through layers (max pooling, Flatten, Reshape, padding, Dropout) carry the
+    grid. The last layer's output (the logits) stays float and its weights are never pruned. The model input
+    is not quantized and counts as 8 bits. The regularizer ``mu * sum_k R_k`` (spec section 4) is part of
+    ``model.losses``, so an ordinary ``compile``/``fit`` trains weights, ranges and gates; an activation
+    quantizer's ``c_k`` is the MACs of the layers that read it over the largest layer's. Other layers stay
+    float; they are listed with a reason in ``model.bbits_report`` and in the log.
 
     Example:
 
@@ -148,7 +223,8 @@ def quantize_model(
     get_gate_kind(gate)
     weight_bit_widths = bit_widths if fixed_weight_bits is None else validate_bit_widths((fixed_weight_bits,))
 
-    supported = [layer for layer in model.layers if configs.kernel_spec(layer) is not None]
+    units = graph.mac_units(model)
+    supported = [unit.mac for unit in units.values()]
     if not supported:
         raise ValueError(
             "The model has no Conv2D, DepthwiseConv2D or Dense layer to quantize. "
@@ -162,30 +238,33 @@ def quantize_model(
             "output quantizer would mix the ranges of different tensors. Give each call its own layer. "
             f"Received: shared layers (name: calls) {shared}"
         )
-    macs = {layer.name: graph.layer_macs(model, layer) for layer in supported}
+    macs = {name: graph.layer_macs(model, unit.mac) for name, unit in units.items()}
     max_macs = max(macs.values())
+    sites = _activation_sites(model, units)
 
     common = dict(gate=gate, mu=mu, mask_bias=mask_bias)
     registry = BayesianBitsQuantizeScheme(**common).get_quantize_registry()
+
+    def activation_kwargs(name):
+        _, signed, consumer_macs = sites[name]
+        return dict(bit_widths=bit_widths, init_log_alpha=init_log_alpha[: len(bit_widths) - 1],
+                    mac_weight=consumer_macs / max_macs, signed=signed)
+
     quantize_configs = {}
-    for layer in supported:
-        last = graph.feeds_output(model, layer)
-        consumers = graph.quantizable_consumers(model, layer)
-        consumer_macs = sum(macs[c.name] for c in consumers)
+    for name, unit in units.items():
         weight_kwargs = dict(
             bit_widths=weight_bit_widths,
             init_log_alpha=init_log_alpha[: len(weight_bit_widths) - 1],
-            prune=prune and not last,
-            mac_weight=macs[layer.name] / max_macs,
+            prune=prune and not graph.feeds_output(model, unit.output),
+            mac_weight=macs[name] / max_macs,
         )
-        activation_kwargs = dict(
-            bit_widths=bit_widths,
-            init_log_alpha=init_log_alpha[: len(bit_widths) - 1],
-            mac_weight=consumer_macs / max_macs if consumers else None,
+        quantize_configs[name] = registry.get_quantize_config(
+            unit.mac, weight_kwargs=weight_kwargs,
+            activation_kwargs=activation_kwargs(name) if name in sites else None, quantize_output=name in sites,
         )
-        quantize_configs[layer.name] = registry.get_quantize_config(
-            layer, weight_kwargs=weight_kwargs, activation_kwargs=activation_kwargs, quantize_output=not last
-        )
+    for name, (layer, _, _) in sites.items():
+        if name not in units:
+            quantize_configs[name] = registry.get_output_quantize_config(layer, activation_kwargs(name))
 
     def annotate(layer):
         if layer.name in quantize_configs:
@@ -195,18 +274,34 @@ def quantize_model(
     with quantize_scope():
         annotated = keras.models.clone_model(model, input_tensors=None, clone_function=annotate)
         quantized = _qkeras.quantize_apply(annotated, scheme=BayesianBitsQuantizeScheme(**common))
+    _check_units_fused(quantized, units)
 
+    folded = [(layer.name, type(layer).__name__, name) for name, unit in units.items() for layer in unit.absorbed]
+    done = set(quantize_configs) | {name for name, _, _ in folded}
     report = QuantizeReport(
-        quantized=[layer.name for layer in supported],
+        quantized=list(units),
         skipped=[
-            (layer.name, type(layer).__name__, _skip_reason(layer))
+            (layer.name, type(layer).__name__, _skip_reason(model, layer, units))
             for layer in model.layers
-            if layer.name not in quantize_configs and not isinstance(layer, keras.layers.InputLayer)
+            if layer.name not in done and not isinstance(layer, keras.layers.InputLayer)
         ],
+        activations=[name for name in sites if name not in units],
+        folded=folded,
     )
     quantized.bbits_report = report
     logger.info(report.format())
     return quantized
+
+
+def _check_units_fused(quantized, units):
+    """Every layer that ``graph.mac_units`` folded or absorbed is gone from the quantized model."""
+    names = {layer.name for layer in quantized.layers}
+    left = [layer.name for unit in units.values() for layer in unit.absorbed if layer.name in names]
+    if left:
+        raise RuntimeError(
+            "Internal error: the layout transform did not fold these layers into their MAC layers, so their "
+            f"quantizers would sit in the wrong place. Please report it. Received: layers {left}"
+        )
 
 
 def _check_not_quantized(model):
@@ -223,7 +318,9 @@ def _check_not_quantized(model):
 def bayesian_bits_quantizers(model):
     """``[(wrapper, role, quantizer, variables)]`` for every Bayesian Bits quantizer of a quantized model.
 
-    ``role`` is ``"weight"`` or ``"activation"``; ``variables`` is the dict the quantizer built.
+    ``role`` is ``"weight"`` or ``"activation"``; ``variables`` is the dict the quantizer built. ``wrapper``
+    is the tfmot ``QuantizeWrapper`` (``wrapper.layer`` the wrapped layer); the weight quantizer of a
+    ``FoldedBatchNorm`` lives inside the wrapped layer and is listed with its wrapper.
     """
     found = []
     for layer in model.layers:
@@ -231,6 +328,9 @@ def bayesian_bits_quantizers(model):
             continue
         if not isinstance(layer.quantize_config, configs.BayesianBitsQuantizeConfig):
             continue
+        inner = layer.layer
+        if isinstance(inner, FoldedBatchNorm) and isinstance(inner.weight_quantizer, BayesianBitsQuantizer):
+            found.append((layer, "weight", inner.weight_quantizer, inner.weight_quantizer_vars))
         for _, quantizer, variables in layer._weight_vars:  # pylint: disable=protected-access
             found.append((layer, "weight", quantizer, variables))
         for quantizer in layer._output_quantizers:  # pylint: disable=protected-access

@@ -192,8 +192,13 @@ class BayesianBitsQuantizer(_Quantizer):
         log_alpha_2 = weights["log_alpha_2"]
         return kind.sample(log_alpha_2) if training else kind.deterministic(log_alpha_2)
 
-    def __call__(self, inputs, training, weights, **kwargs):
-        """Quantizes ``inputs``; with a masked bias returns ``(kernel, bias)``."""
+    def quantize_with_gates(self, inputs, training, weights):
+        """``(x_q, z_2)``: ``inputs`` quantized (pruning gates applied) and the flat ``z_2`` sample it used.
+
+        ``z_2`` is ``None`` without pruning. A layer that needs to mask another per-channel tensor with the
+        same sample as the kernel (a folded BatchNorm bias, ``bbits_tf.folding``) calls this instead of
+        ``__call__``; ``__call__`` is this plus the masked bias of the wrapped layer.
+        """
         dtype = inputs.dtype
         x = tf.cast(inputs, tf.float32)
         x_max = self._range(x, weights, training)
@@ -204,12 +209,16 @@ class BayesianBitsQuantizer(_Quantizer):
         out = ops.quantize(x, x_max, self.signed, self.bit_widths, z_bits, alive)
         z2 = self.channel_gates(weights, training)
         if z2 is None:
-            return tf.cast(out, dtype)
-        out = tf.cast(out * z2, dtype)
-        if self._bias is None:
+            return tf.cast(out, dtype), None
+        return tf.cast(out * z2, dtype), tf.reshape(z2, [-1])
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        """Quantizes ``inputs``; with a masked bias returns ``(kernel, bias)``."""
+        out, z2 = self.quantize_with_gates(inputs, training, weights)
+        if z2 is None or self._bias is None:
             return out
         bias = tf.convert_to_tensor(self._bias)  # float16 inside a mixed-precision layer call
-        return out, tf.cast(tf.cast(bias, tf.float32) * tf.reshape(z2, [-1]), bias.dtype)
+        return out, tf.cast(tf.cast(bias, tf.float32) * z2, bias.dtype)
 
     def regularization(self, weights):
         """``R_k`` of spec section 4 (without ``mu``)."""

@@ -77,12 +77,15 @@ def summary(model, print_fn=None):
 
 def format_summary(profile):
     """The profile as a text table."""
-    header = f"{'layer':<16}{'type':<17}{'w bits':>7}{'in bits':>8}{'out bits':>9}{'channels':>12}{'MACs':>12}{'BOPs':>14}"
+    name_w = max([16] + [len(r.name) + 1 for r in profile.layers])
+    type_w = max([17] + [len(r.layer_type) + 2 for r in profile.layers])
+    header = (f"{'layer':<{name_w}}{'type':<{type_w}}{'w bits':>7}{'in bits':>8}{'out bits':>9}{'channels':>12}"
+              f"{'MACs':>12}{'BOPs':>14}")
     lines = [header, "-" * len(header)]
     for r in profile.layers:
         out_bits = "float" if r.output_bits >= 32 else str(r.output_bits)
         lines.append(
-            f"{r.name:<16}{r.layer_type:<17}{r.weight_bits:>7}{r.input_bits:>8}{out_bits:>9}"
+            f"{r.name:<{name_w}}{r.layer_type:<{type_w}}{r.weight_bits:>7}{r.input_bits:>8}{out_bits:>9}"
             f"{f'{r.kept_channels}/{r.total_channels}':>12}{r.macs:>12,}{r.bops:>14,.0f}"
         )
     lines.append("-" * len(header))

@@ -92,8 +92,9 @@ def test_vgg7_macs_and_w8a8():
     assert [r.macs for r in profile.layers] == [
         3_538_944, 150_994_944, 75_497_472, 150_994_944, 75_497_472, 150_994_944, 8_388_608, 10_240]
     assert profile.total_macs == 615_917_568
-    # BatchNorm is a float layer between conv and ReLU here, so every conv but the first reads a float input.
-    assert profile.layers[1].input_bits == 32
+    # Each conv -> BN -> ReLU is one folded unit with an 8-bit output quantizer after the ReLU: w8a8 throughout.
+    assert all(r.input_bits == 8 for r in profile.layers)
+    assert profile.relative_bops == pytest.approx(6.25)
 
 
 def test_summary_prints_a_table(qlenet, capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bbits_tf._keras import keras
-from bbits_tf.models import FanInUniform, lenet5, vgg7
+from bbits_tf.models import FanInUniform, lenet5, resnet20, vgg7
 
 
 def count(weights):
@@ -145,3 +145,83 @@ def test_vgg7_output_shape(vgg):
     y = vgg(x, training=False).numpy()
     assert y.shape == (2, 10)
     assert np.all(np.isfinite(y)) and y.min() < 0
+
+
+def _gate_parameters(qmodel):
+    import bbits_tf  # pylint: disable=import-outside-toplevel
+
+    found = bbits_tf.bayesian_bits_quantizers(qmodel)
+    z2 = sum(count([v["log_alpha_2"]]) for _, _, _, v in found if "log_alpha_2" in v)
+    return z2, sum(count([v["log_alpha"]]) for _, _, _, v in found)
+
+
+def test_vgg7_quantizes_with_every_batch_norm_folded(vgg):
+    """Spec 7.3: conv -> BN -> ReLU folds into one unit; relative BOPs at initialisation (w8a8) are 6.25 %."""
+    import bbits_tf  # pylint: disable=import-outside-toplevel
+    from bbits_tf import graph  # pylint: disable=import-outside-toplevel
+
+    q = bbits_tf.quantize_model(vgg)
+    kinds = [type(graph.inner_layer(layer)).__name__ for layer in q.layers]
+    assert kinds.count("FoldedBatchNorm") == 7 and "BatchNormalization" not in kinds and "ReLU" not in kinds
+    profile = bbits_tf.summary(q)
+    assert [r.macs for r in profile.layers] == [
+        3_538_944, 150_994_944, 75_497_472, 150_994_944, 75_497_472, 150_994_944, 8_388_608, 10_240]
+    assert all((r.input_bits, r.weight_bits) == (8, 8) for r in profile.layers)
+    assert profile.relative_bops == pytest.approx(6.25, rel=1e-12)
+    # By hand: 8 weight + 7 activation quantizers (the logits stay float) with 4 bit gates each; one pruning
+    # gate per output channel of conv1..6 and fc1 (fc2 is not pruned).
+    assert _gate_parameters(q) == (128 + 128 + 256 + 256 + 512 + 512 + 1024, (8 + 7) * 4)
+    activations = {w.layer.name: qz for w, role, qz, _ in bbits_tf.bayesian_bits_quantizers(q) if role == "activation"}
+    assert not any(qz.signed for qz in activations.values())  # after the folded ReLUs
+    # Spec 4: each activation quantizer takes the c of the next layer (max MACs = conv2's).
+    assert activations["conv1"].mac_weight == pytest.approx(1.0)
+    assert activations["conv6"].mac_weight == pytest.approx(8_388_608 / 150_994_944)
+    assert activations["fc1"].mac_weight == pytest.approx(10_240 / 150_994_944)
+
+
+# --- ResNet20 ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet():
+    keras.utils.set_random_seed(0)
+    return resnet20()
+
+
+def test_resnet20_structure_and_parameter_count(resnet):
+    convs = [layer for layer in resnet.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 1 + 9 * 2 + 2 and not any(c.use_bias for c in convs)
+    assert count(resnet.trainable_weights) == 272_474
+    assert resnet.count_params() == 274_042
+    assert resnet.get_layer("stage2_block1_conv1").strides == (2, 2)
+    assert resnet.get_layer("stage3_block1_shortcut").kernel_size == (1, 1)
+    assert resnet.get_layer("pool").output_shape == (None, 64)
+    assert [layer.name for layer in resnet.layers[-3:]] == ["stage3_block3_relu", "pool", "fc"]
+    x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    y = resnet(x, training=False).numpy()
+    assert y.shape == (2, 10) and np.all(np.isfinite(y))
+    with pytest.raises(ValueError, match="num_classes=0"):
+        resnet20(num_classes=0)
+
+
+def test_resnet20_quantizes_at_6_25_percent_with_gates_counted_by_hand(resnet):
+    import bbits_tf  # pylint: disable=import-outside-toplevel
+    from bbits_tf import graph  # pylint: disable=import-outside-toplevel
+
+    q = bbits_tf.quantize_model(resnet)
+    kinds = [type(graph.inner_layer(layer)).__name__ for layer in q.layers]
+    assert kinds.count("FoldedBatchNorm") == 21 and "BatchNormalization" not in kinds
+    profile = bbits_tf.summary(q)
+    assert profile.total_macs == 40_813_184
+    assert all((r.input_bits, r.weight_bits) == (8, 8) for r in profile.layers)
+    assert profile.relative_bops == pytest.approx(6.25, rel=1e-12)
+    # 22 weight quantizers; activation quantizers: the stem, per block conv1, conv2 and the post-add ReLU (the
+    # Add itself takes the ReLU's grid), the 2 shortcuts, the average pooling: 1 + 9 * 3 + 2 + 1 = 31.
+    # Pruning gates: every conv's output channels (the classifier is not pruned).
+    z2 = 16 + 3 * (16 + 16) + 3 * (32 + 32) + 32 + 3 * (64 + 64) + 64
+    assert _gate_parameters(q) == (z2, (22 + 31) * 4)
+    act = {w.layer.name: qz for w, role, qz, _ in bbits_tf.bayesian_bits_quantizers(q) if role == "activation"}
+    # The downsampling block's input is read by its conv1 and its shortcut: their MACs add up (spec 4).
+    top = 2_359_296
+    assert act["stage1_block3_relu"].mac_weight == pytest.approx((1_179_648 + 131_072) / top)
+    assert act["stage1_block1_conv2"].signed and act["stage1_block1_conv2"].mac_weight == 0.0  # read by the Add
+    assert not act["stage1_block1_relu"].signed

@@ -130,13 +130,15 @@ def test_sequential_and_functional_with_a_branch():
     model = keras.Model(inputs, out)
     qmodel = bbits_tf.quantize_model(model)
     q = _quantizers(qmodel)
-    assert sorted(q) == sorted([("a", "weight"), ("a", "activation"), ("b", "weight"), ("b", "activation"),
+    # The concatenation has one grid (one scale in TFLite): its inputs a and b get no quantizer of their own.
+    assert sorted(q) == sorted([("a", "weight"), ("b", "weight"), ("cat", "activation"),
                                 ("dw", "weight"), ("dw", "activation"), ("head", "weight")])
     assert q[("dw", "weight")][1]["log_alpha_2"].shape == (12, 1)  # one gate per depthwise output channel
-    # Both branches feed the depthwise conv: their output quantizers share its MACs.
+    # The concatenation feeds the depthwise conv: its quantizer is charged the conv's MACs.
     dw_macs = 8 * 8 * 9 * 12
     max_macs = max(10 * 10 * 27 * 8, 10 * 10 * 27 * 4, dw_macs, 4 * 4 * 12 * 5)
-    assert q[("a", "activation")][0].mac_weight == pytest.approx(dw_macs / max_macs)
+    assert q[("cat", "activation")][0].mac_weight == pytest.approx(dw_macs / max_macs)
+    assert not q[("cat", "activation")][0].signed  # both inputs come out of a ReLU
     x = np.random.default_rng(0).random((3, 12, 12, 3), dtype=np.float32)
     qmodel.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     assert np.isfinite(qmodel.train_on_batch(x, np.array([0, 1, 2])))
@@ -196,8 +198,9 @@ def test_report_lists_float_layers_with_reasons(qlenet):
     assert report.quantized == ["conv1", "conv2", "fc1", "fc2"]
     assert {name for name, _, _ in report.skipped} == {"pool1", "pool2", "flatten"}
     vgg = bbits_tf.quantize_model(models.vgg7())
-    reasons = {name: reason for name, _, reason in vgg.bbits_report.skipped}
-    assert "BatchNormalization is not folded" in reasons["conv1_bn"]
+    folded = {name: into for name, _, into in vgg.bbits_report.folded}
+    assert folded["conv1_bn"] == "conv1" and folded["conv1_relu"] == "conv1"
+    assert "conv1_bn" not in {name for name, _, _ in vgg.bbits_report.skipped}
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
