@@ -94,13 +94,20 @@ def _merge(model, layer, inputs):
     return _Tensor(float(FLOAT_BITS), np.ones(n_out))
 
 
-def layer_bops(model, *, expected=False, input_bits=INPUT_BITS):
-    """Per-layer BOP accounting of a quantized model, in graph order."""
-    state = _quantizer_state(model)
-    if not state:
+def layer_bops(model, *, expected=False, input_bits=INPUT_BITS, fixed_bits=None):
+    """Per-layer BOP accounting of a quantized model, in graph order.
+
+    With ``fixed_bits=(weight_bits, activation_bits)`` it counts any model (a float model, a fixed-bit baseline)
+    as if every MAC layer's weights had ``weight_bits`` and every computed tensor ``activation_bits``, nothing
+    pruned and the tensors that reach a model output float: the one counter for Bayesian Bits models and
+    baselines alike.
+    """
+    state = {} if fixed_bits is not None else _quantizer_state(model)
+    if fixed_bits is None and not state:
         raise ValueError(
             "BOPs are counted from the gates of a Bayesian Bits model; this model has none. Pass the model that "
             "`bbits_tf.quantize_model` returned (for a float or fixed-bit model use "
+            "`layer_bops(model, fixed_bits=(weight_bits, activation_bits))` or "
             f"`bbits_tf.training.fixed_bit_profile(model, weight_bits, activation_bits)`). "
             f"Received: model={getattr(model, 'name', model)!r}"
         )
@@ -111,23 +118,30 @@ def layer_bops(model, *, expected=False, input_bits=INPUT_BITS):
             continue
         inputs = [tensors[id(src)] for src in graph.inbound_layers(model, layer)]
         roles = state.get(layer.name, {})
-        if not graph.is_mac(layer) or "weight" not in roles:
+        if not graph.is_mac(layer) or (fixed_bits is None and "weight" not in roles):
             tensor = _merge(model, layer, inputs)
             if "activation" in roles:
                 tensor = _Tensor(_bits(roles["activation"], expected), tensor.keep)
+            elif fixed_bits is not None and not graph.is_passthrough(layer):
+                tensor = _Tensor(float(FLOAT_BITS if graph.feeds_output(model, layer) else fixed_bits[1]),
+                                 tensor.keep)
             tensors[id(layer)] = tensor
             continue
         (t_in,) = inputs
         n_out = int(graph.output_shape(model, layer)[-1])
         keep_out = _out_keep(roles.get("weight"), n_out, expected)
         keep_in = t_in.keep
-        if isinstance(graph.inner_layer(layer), keras.layers.DepthwiseConv2D):
+        if graph.mac_kind(layer) == "DepthwiseConv2D":  # a plain or a folded depthwise conv
             keep = float(np.mean(keep_out * np.repeat(keep_in, n_out // len(keep_in))))
         else:
             keep = float(np.mean(keep_out) * np.mean(keep_in))
         macs = graph.layer_macs(model, layer)
-        w_bits = _bits(roles.get("weight"), expected)
-        out_bits = _bits(roles.get("activation"), expected)
+        if fixed_bits is None:
+            w_bits = _bits(roles.get("weight"), expected)
+            out_bits = _bits(roles.get("activation"), expected)
+        else:
+            w_bits = float(fixed_bits[0])
+            out_bits = float(FLOAT_BITS if graph.feeds_output(model, layer) else fixed_bits[1])
         records.append(
             LayerBops(
                 name=graph.inner_layer(layer).name,

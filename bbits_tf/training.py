@@ -20,10 +20,12 @@ from typing import Optional
 
 import tensorflow as tf
 
-from bbits_tf import checks, configs, graph
+from bbits_tf import checks, graph
 from bbits_tf import data as data_lib
 from bbits_tf._keras import keras, tfmot
+from bbits_tf import bops as bops_lib
 from bbits_tf.bops import FLOAT_BITS, INPUT_BITS
+from bbits_tf.gates import DEFAULT_INIT_LOG_ALPHA
 from bbits_tf.checkpoints import (WARMUP_PHASE, EpochCheckpoint, _as_json, _epoch_checkpoints,  # noqa: F401
                                   config_differences, read_checkpoint)
 from bbits_tf.callbacks import (BayesianBitsSummaries, BitWidthHistory, BopsLogger, NonFiniteGuard,  # noqa: F401
@@ -68,7 +70,7 @@ class Recipe:
     weight_schedule: str = "paper"
     decay_groups: tuple = ("weights",)
     decay_start: Optional[int] = None
-    init_log_alpha: tuple = (6.0, 6.0, -6.0, -6.0)
+    init_log_alpha: tuple = DEFAULT_INIT_LOG_ALPHA
     bit_widths: tuple = (2, 4, 8, 16, 32)
     mask_bias: bool = True
 
@@ -189,35 +191,18 @@ def build_baseline(kind, model):
         return qkeras.quantize_apply(qkeras.quantize_annotate_model(model), scheme=scheme)
 
 
-def _reads_model_input(model, layer):
-    stack = list(graph.inbound_layers(model, layer))
-    while stack:
-        src = stack.pop()
-        if isinstance(src, keras.layers.InputLayer):
-            return True
-        if graph.is_passthrough(src) or type(src).__name__ == "QuantizeLayer":
-            stack.extend(graph.inbound_layers(model, src))
-    return False
-
-
 def fixed_bit_profile(model, weight_bits, activation_bits, input_bits=INPUT_BITS):
-    """``ModelProfile`` of ``model`` at fixed bit widths, counted like ``bbits_tf.bops`` (spec 5).
+    """``ModelProfile`` of ``model`` at fixed bit widths, counted by ``bbits_tf.bops.layer_bops`` (spec 5).
 
-    Every Conv2D, DepthwiseConv2D and Dense layer costs ``MACs * input bits * weight bits``, where the input
-    bits are ``input_bits`` for a layer that reads the model input and ``activation_bits`` otherwise; the
-    reference is ``sum MACs * 32 * 32``. No channel is pruned.
+    Every MAC layer costs ``MACs * input bits * weight bits``, where the input bits are those of the tensor it
+    reads (``input_bits`` for the model input, ``activation_bits`` for a computed tensor); tensors that reach a
+    model output stay float; the reference is ``sum MACs * 32 * 32``. No channel is pruned. The same counter
+    as for Bayesian Bits models, so baselines and Bayesian Bits runs compare.
     """
-    rows = []
-    for layer in graph.topological_layers(model):
-        inner = graph.inner_layer(layer)
-        if configs.kernel_spec(inner) is None:
-            continue
-        macs = graph.layer_macs(model, layer)
-        a_in = input_bits if _reads_model_input(model, layer) else activation_bits
-        n_out, n_in = int(graph.output_shape(model, layer)[-1]), int(graph.input_shape(model, layer)[-1])
-        out_bits = FLOAT_BITS if graph.feeds_output(model, layer) else activation_bits
-        rows.append(LayerProfile(inner.name, type(inner).__name__, weight_bits, a_in, out_bits, n_out, n_out, n_in,
-                                 n_in, macs, float(macs * a_in * weight_bits), float(weight_bits), float(out_bits)))
+    records = bops_lib.layer_bops(model, input_bits=input_bits, fixed_bits=(weight_bits, activation_bits))
+    rows = [LayerProfile(r.name, r.layer_type, int(r.weight_bits), int(r.input_bits), int(r.output_bits),
+                         int(r.kept_out), r.total_out, int(r.kept_in), r.total_in, r.macs, r.bops,
+                         float(r.weight_bits), float(r.output_bits)) for r in records]
     total = sum(r.macs for r in rows)
     fp32 = float(total * FLOAT_BITS * FLOAT_BITS)
     bops = sum(r.bops for r in rows)

@@ -109,3 +109,13 @@ def test_summary_of_a_float_model_says_what_to_pass():
         bbits_tf.summary(models.lenet5())
     with pytest.raises(ValueError, match="fixed_bit_profile"):
         bbits_tf.relative_bops(models.lenet5())
+
+
+@pytest.mark.parametrize("weight, activation, want", [(2, 32, 6.223), (1, 32, 3.112), (4, 4, 1.571), (2, 2, 0.397),
+                                                      (8, 8, 6.25)])
+def test_one_counter_for_baselines_reproduces_the_spec_vgg7_table(weight, activation, want):
+    from bbits_tf import training
+
+    profile = training.fixed_bit_profile(models.vgg7(), weight, activation)  # bops.layer_bops(fixed_bits=...)
+    assert round(profile.relative_bops, 3) == want
+    assert profile.total_macs == 615_917_568

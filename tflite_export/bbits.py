@@ -24,6 +24,7 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
+from bbits_tf import configs
 from bbits_tf._keras import keras, tfmot
 
 from .export import ExportReport, check_path, export_plans, write_file
@@ -102,7 +103,7 @@ def _wrappers(qmodel):
 
 
 def _kernel_attr(layer) -> str:
-    return "depthwise_kernel" if isinstance(layer, keras.layers.DepthwiseConv2D) else "kernel"
+    return configs.kernel_attribute(layer)  # the one lookup, bbits_tf.configs
 
 
 def _variable(wrapper, attr: str):

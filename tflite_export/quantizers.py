@@ -19,6 +19,7 @@ How each grid reaches TFLite (checked on TF 2.21; tflite_export/README.md has th
 """
 import tensorflow as tf
 
+from bbits_tf import configs
 from bbits_tf._keras import keras, tfmot
 from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer  # noqa: E402
 from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (  # noqa: E402
@@ -28,7 +29,7 @@ from .plan import LayerPlan, act_grid_limits, signed_levels
 
 _Q = tfmot.quantization.keras
 _PACKAGE = "tflite_export"
-_NONNEGATIVE_ACTIVATIONS = ("relu", "relu6")
+_NONNEGATIVE_ACTIVATIONS = configs.UNSIGNED_ACTIVATIONS  # the one list, bbits_tf.configs
 
 
 def _register(cls):
@@ -156,7 +157,7 @@ class FixedRangeQuantizer(_Q.quantizers.Quantizer):
 
 
 def _kernel_attr(layer) -> str:
-    return "depthwise_kernel" if isinstance(layer, keras.layers.DepthwiseConv2D) else "kernel"
+    return configs.kernel_attribute(layer)  # the one lookup, bbits_tf.configs
 
 
 @_register
