@@ -204,7 +204,7 @@ def test_files_of_an_unknown_run_without_results_or_checkpoint_are_refused(mnist
     (["--decay-groups", "biases"], "`decay_groups` must be among"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--test-limit", "0"], "--test-limit must be >= 1"),
-    (["--budget-bops", "200"], "--budget-bops must be in (0, 100]"),
+    (["--budget-bops", "200"], "--budget-bops must be in [0, 100]"),
     (["--data-dir", "EMPTY"], "cannot load MNIST"),
 ])
 def test_invalid_options_exit_before_creating_the_output_folder(mnist_example, tmp_path, capsys, options, message):
@@ -217,3 +217,19 @@ def test_invalid_options_exit_before_creating_the_output_folder(mnist_example, t
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not output_dir.exists()
+
+
+def test_default_run_lands_on_the_budget_and_ablations_do_not():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import mnist  # examples/mnist.py
+
+    assert mnist.parse_args([]).budget_bops == mnist.DEFAULT_BB_BUDGET == 0.33
+    assert mnist.parse_args(["--budget-bops", "0"]).budget_bops is None  # off: mu stays at the recipe's 0.1
+    assert mnist.parse_args(["--budget-bops", "0.5"]).budget_bops == 0.5
+    for method in ("quant_only", "prune_only_w8", "gumbel", "float", "tfmot_w8a8"):
+        assert mnist.parse_args(["--method", method]).budget_bops is None
+    assert mnist.parse_args(["--method", "gumbel", "--budget-bops", "0.38"]).budget_bops == 0.38
+    with pytest.raises(SystemExit):
+        mnist.parse_args(["--budget-bops", "-1"])
+    with pytest.raises(SystemExit):
+        mnist.parse_args(["--method", "float", "--budget-bops", "0.3"])
