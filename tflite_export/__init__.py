@@ -15,20 +15,22 @@ A trained Bayesian Bits model (``bbits_tf.quantize_model``) brings its own plans
 """
 from .export import (ExportReport, LayerExport, convert, deployment_model, export_plans, grid_weights, inspect,
                      planned_layers)
-from .bbits import export, export_bbits, export_for_example, is_bbits_model, plain_model, plans_from_bbits
+from .bbits import (export, export_bbits, export_for_example, is_bbits_model, output_grids_from_bbits, plain_model,
+                    plans_from_bbits)
 from .flatbuffer import read as read_flatbuffer
 from .micro import run_tflm, tflm_arena_bytes, to_c_array
 from .plan import LayerPlan, quantize_activation, quantize_weight
 from .prune import PruneReport, prune, prune_model
 from .report import BbitsExportReport, BbitsLayer
-from .quantizers import (FixedGridActivationQuantizer, FixedGridQuantizeConfig, FixedGridScheme,
-                         FixedGridWeightQuantizer, FixedRangeQuantizer, quantize_scope)
+from .quantizers import (FixedGridActivationQuantizer, FixedGridOutputConfig, FixedGridQuantizeConfig,
+                         FixedGridScheme, FixedGridWeightQuantizer, FixedRangeQuantizer, quantize_scope)
 from .verify import LayerRef, VerifyReport, layer_io, lsb_histograms, run_litert, verify
 
 __all__ = [
     "BbitsExportReport", "BbitsLayer", "export_bbits", "export_for_example", "is_bbits_model", "plain_model",
-    "plans_from_bbits",
-    "ExportReport", "FixedGridActivationQuantizer", "FixedGridQuantizeConfig", "FixedGridScheme",
+    "plans_from_bbits", "output_grids_from_bbits",
+    "ExportReport", "FixedGridActivationQuantizer", "FixedGridOutputConfig", "FixedGridQuantizeConfig",
+    "FixedGridScheme",
     "FixedGridWeightQuantizer", "FixedRangeQuantizer", "LayerExport", "LayerPlan", "PruneReport",
     "VerifyReport", "convert", "deployment_model", "export", "export_plans", "grid_weights", "inspect",
     "planned_layers",

@@ -8,7 +8,9 @@ and the plain-data exporter (``export_plans``), and a float model with plans str
    quantizers whose range was never set from data, and quantizers the file could not carry exactly.
 2. ``plain_model``: the same architecture as plain tf_keras layers (the QuantizeWrappers unwrapped), whose kernels
    and biases are what the bbits model uses in inference: ``quantizer(kernel, training=False)``, i.e. on the
-   learned grid with pruned slices zeroed, and the bias masked by ``z_2`` when ``mask_bias``.
+   learned grid with pruned slices zeroed, and the bias masked by ``z_2`` when ``mask_bias``. A ``FoldedBatchNorm``
+   (MAC layer + BatchNormalization + activation) becomes its MAC layer with ``folded_kernel()`` = Q(W_f) and
+   ``folded_bias()``; output quantizers on Add / average pooling / ReLU layers become ``output_grids``.
 3. ``export_plans`` of that model with those plans: pruning for real, fixed grids, conversion, grid checks.
 4. Checks against the bbits model itself (``model.predict``, inference mode, which changes no variable): top-1
    agreement, per-layer LSB histograms (``verify.lsb_histograms``), kernels on their grids, distinct codes per
@@ -27,7 +29,7 @@ import numpy as np
 from bbits_tf import configs
 from bbits_tf._keras import keras, tfmot
 
-from .export import ExportReport, check_path, export_plans, write_file
+from .export import OUTPUT_GRID_LAYERS, ExportReport, check_path, export_plans, write_file
 from .micro import tflm_check, write_c_arrays
 from .prune import PRODUCERS, graph_nodes
 from .plan import WEIGHT_BITS, LayerPlan, signed_levels
@@ -106,6 +108,26 @@ def _kernel_attr(layer) -> str:
     return configs.kernel_attribute(layer)  # the one lookup, bbits_tf.configs
 
 
+def _folded_class():
+    from bbits_tf.folding import FoldedBatchNorm  # pylint: disable=import-outside-toplevel
+    return FoldedBatchNorm
+
+
+def _is_mac(layer) -> bool:
+    """A Conv2D / DepthwiseConv2D / Dense layer, or a ``FoldedBatchNorm`` (one of them with its BN folded in)."""
+    return isinstance(layer, PRODUCERS + (_folded_class(),))
+
+
+def _folded_mac_layer(folded):
+    """The plain MAC layer a ``FoldedBatchNorm`` deploys as: its MAC layer's settings, the activation after the
+    fold, a bias (the folded one), the same name; weights set by ``plain_model``."""
+    config = dict(folded._mac_config["config"])  # pylint: disable=protected-access
+    config.update(name=folded.name, activation=keras.activations.serialize(folded.activation), use_bias=True)
+    for key in [k for k in config if k.endswith(("_regularizer", "_constraint"))]:
+        config[key] = None
+    return folded.mac_class.from_config(config)
+
+
 def _variable(wrapper, attr: str):
     """The wrapper's float variable ``attr`` (kernel / depthwise_kernel / bias), or None.
 
@@ -122,8 +144,15 @@ def _variable(wrapper, attr: str):
 
 
 def _quantized_kernel_bias(wrapper, table):
-    """(kernel, bias or None) of a wrapped layer as the bbits model uses them in inference (NumPy)."""
+    """(kernel, bias or None) of a wrapped layer as the bbits model uses them in inference (NumPy).
+
+    A ``FoldedBatchNorm`` gives its folded kernel on the learned grid, ``Q(W_f)`` with the inference gates, and
+    its folded bias ``beta + gamma (b - mu) / sigma`` (pruned channels 0 with ``mask_bias``): what it computes
+    in inference, before its activation."""
     inner = wrapper.layer
+    if isinstance(inner, _folded_class()):
+        return (np.asarray(inner.folded_kernel(quantized=True), np.float32),
+                np.asarray(inner.folded_bias(), np.float32).reshape(-1))
     kernel_var = _variable(wrapper, _kernel_attr(inner))
     bias_var = _variable(wrapper, "bias") if getattr(inner, "use_bias", False) else None
     if kernel_var is None:
@@ -156,11 +185,15 @@ def _activation_grid(entry, name):
     return bits, step, bool(quantizer.signed)
 
 
-def _moved_grids(qmodel, table) -> Dict[str, tuple]:
-    """Producer layer name -> (bits, step, signed) of an output quantizer that sits on a later layer without
-    weights (a Concatenate or max pooling, as ``bbits_tf.quantize_model`` may place it), given to every Conv2D /
-    DepthwiseConv2D / Dense layer that feeds it through such layers. Exact, because those layers commute with the
-    quantizer; anything else raises ValueError."""
+def _moved_grids(qmodel, table):
+    """Output quantizers on layers without weights, as ``bbits_tf.quantize_model`` places them.
+
+    Returns ``(moved, own)``. ``moved``: producer layer name -> (bits, step, signed) of a quantizer on a
+    Concatenate or max pooling layer, given to every Conv2D / DepthwiseConv2D / Dense (or folded) layer that feeds
+    it through such layers (exact, because those layers commute with the quantizer). ``own``: layer name ->
+    (bits, step, signed) of a quantizer on an Add, average pooling or separate ReLU / Activation layer, whose
+    output is new values: that tensor is carried on the grid itself (``export_plans(output_grids=...)``).
+    Anything else raises ValueError."""
     nodes = graph_nodes(qmodel)
     inbound = {layer.name: sources for layer, sources in nodes}
     by_name = {layer.name: layer for layer, _ in nodes}
@@ -168,15 +201,18 @@ def _moved_grids(qmodel, table) -> Dict[str, tuple]:
     for layer, sources in nodes:
         for src in sources:
             consumers.setdefault(src, []).append(layer.name)
-    moved, unsupported, weighted = {}, [], []
+    moved, own, unsupported, weighted = {}, {}, [], []
     for wrapper in _wrappers(qmodel):
         inner = wrapper.layer
-        if isinstance(inner, PRODUCERS):
+        if _is_mac(inner):
             continue
-        if inner.weights:  # e.g. a convolution with its BatchNorm folded in (FoldedBatchNorm)
+        if inner.weights:
             weighted.append(f"{inner.name} ({type(inner).__name__})")
             continue
         entry = table.get(wrapper.name, {})
+        if set(entry) == {"activation"} and isinstance(inner, OUTPUT_GRID_LAYERS):
+            own[inner.name] = _activation_grid(entry, inner.name)
+            continue
         if set(entry) - {"activation"} or not isinstance(inner, _GRID_COMMUTING):
             unsupported.append(f"{inner.name} ({type(inner).__name__})")
             continue
@@ -191,22 +227,23 @@ def _moved_grids(qmodel, table) -> Dict[str, tuple]:
             inner_src = layer.layer if isinstance(layer, _QuantizeWrapper) else layer
             if len(consumers.get(src, [])) != 1:
                 unsupported.append(f"{inner.name} (its input {inner_src.name} also feeds other layers)")
-            elif isinstance(inner_src, PRODUCERS) and "activation" not in table.get(src, {}):
+            elif _is_mac(inner_src) and "activation" not in table.get(src, {}):
                 moved[inner_src.name] = grid
             elif isinstance(inner_src, _GRID_COMMUTING) and not isinstance(layer, _QuantizeWrapper):
                 todo.extend(inbound[src])
             else:
                 unsupported.append(f"{inner.name} (fed by {inner_src.name}, {type(inner_src).__name__})")
     if weighted:
-        raise ValueError("The exporter reads the grids of Conv2D, DepthwiseConv2D and Dense layers; other quantized "
-                         "layers with weights (e.g. a convolution with a folded BatchNorm) are not exported yet. "
+        raise ValueError("The exporter reads the grids of Conv2D, DepthwiseConv2D and Dense layers (BatchNorm folded "
+                         "in or not); other quantized layers with weights are not exported. "
                          f"Received: layers={weighted}")
     if unsupported:
         raise ValueError("The exporter carries an output quantizer of a layer without weights only where it equals "
                          "the same quantizer on the Conv2D / DepthwiseConv2D / Dense layers feeding it (through "
-                         "Concatenate, max pooling, Flatten, Reshape, Dropout, each feeding only the next). "
+                         "Concatenate, max pooling, Flatten, Reshape, Dropout, each feeding only the next), and on "
+                         "Add, average pooling, ReLU and Activation layers (their own grid). "
                          f"Received: layers={unsupported}")
-    return moved
+    return moved, own
 
 
 def plans_from_bbits(qmodel) -> Dict[str, LayerPlan]:
@@ -218,10 +255,10 @@ def plans_from_bbits(qmodel) -> Dict[str, LayerPlan]:
     output quantizer on a Concatenate or max pooling layer becomes the output grid of the layers feeding it.
     """
     table = _quantizer_table(qmodel)
-    moved = _moved_grids(qmodel, table)
+    moved, _ = _moved_grids(qmodel, table)
     plans = {}
     for wrapper in _wrappers(qmodel):
-        if not isinstance(wrapper.layer, PRODUCERS):
+        if not _is_mac(wrapper.layer):
             continue
         name = wrapper.layer.name
         entry = table.get(wrapper.name, {})
@@ -250,7 +287,15 @@ def plans_from_bbits(qmodel) -> Dict[str, LayerPlan]:
     return plans
 
 
+def output_grids_from_bbits(qmodel) -> Dict[str, tuple]:
+    """Layer name -> (bits, step, signed) of the output quantizers on Add, AveragePooling2D,
+    GlobalAveragePooling2D and separate ReLU / Activation layers (``export_plans(output_grids=...)``)."""
+    return _moved_grids(qmodel, _quantizer_table(qmodel))[1]
+
+
 def _fresh(layer):
+    if isinstance(layer, _folded_class()):
+        return _folded_mac_layer(layer)
     return layer.__class__.from_config(layer.get_config())
 
 
@@ -283,7 +328,7 @@ def plain_model(qmodel, *, batch_size: Optional[int] = None):
         if isinstance(layer, keras.layers.InputLayer):
             continue
         if layer.name in wrappers:
-            if isinstance(layer.layer, PRODUCERS):  # other wrappers hold only an output quantizer
+            if _is_mac(layer.layer):  # other wrappers hold only an output quantizer
                 kernel, bias = _quantized_kernel_bias(layer, table)
                 target = plain.get_layer(layer.layer.name)
                 target.set_weights([kernel] + ([bias] if bias is not None else []))
@@ -400,6 +445,7 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
         raise ValueError("`c_array=True` writes the C arrays next to the .tflite file, so it needs a `path`. "
                          "Received: path=None")
     plans = plans_from_bbits(qmodel)
+    grids = output_grids_from_bbits(qmodel)
     plain = plain_model(qmodel, batch_size=batch_size)
     int2 = frozenset(n for n, p in plans.items() if int2 and p.weight_bits == 2
                      and isinstance(plain.get_layer(n), keras.layers.Dense))
@@ -409,7 +455,8 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
     ranges = _float_output_ranges(qmodel, plans, x_rep)
     ranges.update(output_ranges or {})
     base = export_plans(plain, deployed_plans, None, representative_data=x_rep, io=io,
-                        input_range=input_range, output_ranges=ranges, refine_inputs=refine_inputs)
+                        input_range=input_range, output_ranges=ranges, refine_inputs=refine_inputs,
+                        output_grids=grids)
     if int2:
         to_int2(base, int2)
     if path is not None:
@@ -470,8 +517,17 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
 def _layer_refs(qmodel, channel_maps, plans) -> Dict[str, LayerRef]:
     """Per planned layer: its wrapper in the bbits model and how the file's pruned tensors map onto it."""
     wrappers = {w.layer.name: w for w in _wrappers(qmodel)}
-    return {n: LayerRef(wrappers[n], channel_maps[n]["out_keep"], channel_maps[n]["in_keep"],
-                        channel_maps[n]["in_const"]) for n in plans}
+    nodes = graph_nodes(qmodel)
+    inbound = {layer.name: sources for layer, sources in nodes}
+    by_name = {layer.name: layer for layer, _ in nodes}  # InputLayers included (not in a Sequential's layers)
+    refs = {}
+    for n in plans:
+        sources = inbound.get(wrappers[n].name, [])
+        src = by_name[sources[0]] if len(sources) == 1 else None
+        pad = src if isinstance(src, keras.layers.ZeroPadding2D) else None
+        refs[n] = LayerRef(wrappers[n], channel_maps[n]["out_keep"], channel_maps[n]["in_keep"],
+                           channel_maps[n]["in_const"], pad)
+    return refs
 
 
 def _lsb_check(lsb_diffs, problems) -> bool:
@@ -505,7 +561,7 @@ def _off_grid_weights(plain, plans) -> Dict[str, int]:
     return out
 
 
-_PLANS_OPTIONS = ("representative_data", "io", "input_range", "output_ranges", "refine_inputs")
+_PLANS_OPTIONS = ("representative_data", "io", "input_range", "output_ranges", "refine_inputs", "output_grids")
 
 
 def export(model, path=None, *, plans: Optional[Mapping[str, LayerPlan]] = None, **options):

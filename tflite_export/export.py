@@ -26,7 +26,8 @@ from bbits_tf._keras import keras, tfmot
 from . import flatbuffer
 from .plan import LayerPlan, act_grid_limits, quantize_activation, quantize_weight, signed_levels, validate_plans
 from .prune import PRODUCERS, PruneReport, graph_nodes, prune
-from .quantizers import FixedGridQuantizeConfig, FixedGridScheme, quantize_scope, refined_input_range
+from .quantizers import (FixedGridOutputConfig, FixedGridQuantizeConfig, FixedGridScheme, quantize_scope,
+                         refined_input_range)
 
 _Q = tfmot.quantization.keras
 IO_TYPES = ("float", "int8")
@@ -82,6 +83,7 @@ class ExportReport:
     notes: List[str] = dataclasses.field(default_factory=list)
     model_bytes: bytes = dataclasses.field(default=b"", repr=False)
     refine_inputs: bool = True
+    output_grids: Dict[str, tuple] = dataclasses.field(default_factory=dict)
 
     @property
     def learned_weight_bytes(self) -> float:
@@ -96,7 +98,7 @@ class ExportReport:
         return {"input_range": self.ranges.get("input"),
                 "output_ranges": {k: v for k, v in self.ranges.items() if k != "input"},
                 "bias_scales": {layer.name: layer.bias_scale for layer in self.layers if layer.bias_scale},
-                "refine_inputs": self.refine_inputs}
+                "refine_inputs": self.refine_inputs, "output_grids": dict(self.output_grids)}
 
     def to_dict(self) -> Dict:
         d = dataclasses.asdict(self)
@@ -139,7 +141,8 @@ def grid_weights(model, plans: Mapping[str, LayerPlan]):
 
 def deployment_model(model, plans: Mapping[str, LayerPlan], *, representative_data=None, input_range=None,
                      output_ranges: Optional[Mapping[str, tuple]] = None,
-                     bias_scales: Optional[Mapping[str, float]] = None, refine_inputs: bool = True):
+                     bias_scales: Optional[Mapping[str, float]] = None, refine_inputs: bool = True,
+                     output_grids: Optional[Mapping[str, tuple]] = None):
     """The pruned fake-quant Keras model that ``convert`` turns into integer TFLite.
 
     Every tensor that TFLite needs a range for gets a fixed one here, because the converter re-quantizes an op that
@@ -163,6 +166,9 @@ def deployment_model(model, plans: Mapping[str, LayerPlan], *, representative_da
             (2- or 4-bit) activation grid at a 64 / 16 times finer scale (``input_grids``): one exact QUANTIZE op
             each, and that layer's int32 bias and requantization multiplier get as much finer, so the file's
             rounding agrees with float arithmetic far more often.
+        output_grids: layer name -> (bits, step, signed) of a fixed activation grid on the output of a layer
+            without weights whose output is new values (Add, AveragePooling2D, GlobalAveragePooling2D, a separate
+            ReLU / Activation layer): that tensor's scale is the step (``FixedGridOutputConfig``).
 
     Returns:
         (deployment model, PruneReport, ranges) where ranges = {"input": (lo, hi), layer name: (lo, hi), ...}
@@ -198,14 +204,39 @@ def deployment_model(model, plans: Mapping[str, LayerPlan], *, representative_da
         data = _as_array(representative_data)
         input_range = _range(data)
     ranges["input"] = tuple(float(v) for v in input_range)
+    grids = check_output_grids(pruned, plans, output_grids)
     refine = input_grids(pruned, plans) if refine_inputs else {}
     if missing:
-        probe = _quantize(pruned, plans, ranges["input"], {}, refine)
+        probe = _quantize(pruned, plans, ranges["input"], {}, refine, grids)
         outs = keras.Model(probe.inputs, [probe.get_layer(n).output for n in missing]).predict(
             _as_array(representative_data), verbose=0, batch_size=256)
         for name, out in zip(missing, outs if len(missing) > 1 else [outs]):
             ranges[name] = _range(out)
-    return _quantize(pruned, plans, ranges["input"], ranges, refine), report, ranges
+    return _quantize(pruned, plans, ranges["input"], ranges, refine, grids), report, ranges
+
+
+OUTPUT_GRID_LAYERS = (keras.layers.Add, keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D,
+                      keras.layers.ReLU, keras.layers.Activation)
+
+
+def check_output_grids(model, plans, output_grids) -> Dict[str, tuple]:
+    """``output_grids`` (layer name -> (bits, step, signed)) checked against ``model`` and deployed (<= 8 bits),
+    as layer name -> (bits, step, signed, nonnegative input); ``nonnegative`` (``bbits_tf.graph.nonnegative``)
+    spares an unsigned grid its lower clip (a MAXIMUM op)."""
+    from bbits_tf import graph  # pylint: disable=import-outside-toplevel
+    out = {}
+    for name, grid in (output_grids or {}).items():
+        try:
+            layer = model.get_layer(name)
+        except ValueError:
+            layer = None
+        if layer is None or not isinstance(layer, OUTPUT_GRID_LAYERS) or name in plans:
+            raise ValueError(f"Output grids go on Add, AveragePooling2D, GlobalAveragePooling2D, ReLU or Activation "
+                             f"layers of the model. Received: output_grids[{name!r}]")
+        bits, step, signed = int(grid[0]), float(grid[1]), bool(grid[2])
+        dep = LayerPlan(8, 1.0, bits, step, signed).deployed()
+        out[name] = (dep.act_bits, dep.act_step, dep.act_signed, bool(graph.nonnegative(model, layer)))
+    return out
 
 
 _SAME_GRID = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.GlobalMaxPooling1D,
@@ -213,11 +244,18 @@ _SAME_GRID = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers
               keras.layers.SpatialDropout2D)
 
 
+_OP_BETWEEN = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.GlobalMaxPooling1D,
+               keras.layers.GlobalMaxPooling2D, keras.layers.Flatten, keras.layers.Reshape)
+
+
 def input_grids(model, plans: Mapping[str, LayerPlan]) -> Dict[str, tuple]:
     """Planned layer -> (lo, hi) of a refined fixed range for its input (``refined_input_range``), for every
     planned layer whose input is another planned layer's <= 4-bit activation grid, reached through layers that
     keep values on their grid (max pooling, Flatten, Reshape, Dropout), if it has an activation grid itself (not
-    for float outputs such as the logits). Not through a Concatenate: TFLite gives a
+    for float outputs such as the logits). Only where an op sits between the two (max pooling, Flatten, Reshape):
+    when a layer reads the other directly (or through Dropout), TF 2.21's converter drops the QUANTIZE op but keeps
+    the bias on the refined grid (a Conv2D or DepthwiseConv2D right after a 4-bit Conv2D got a 16 times too large
+    bias); and never for a DepthwiseConv2D (not checked after an op). Not through a Concatenate: TFLite gives a
     CONCATENATION's inputs its output scale, so the converter would put the finer scale on the branches' outputs
     (off their grids); nor from layers feeding a Concatenate of different grids."""
     nodes = graph_nodes(model)
@@ -237,13 +275,38 @@ def input_grids(model, plans: Mapping[str, LayerPlan]) -> Dict[str, tuple]:
     for name, plan in plans.items():
         if plan.act_bits is None:  # a float (logits) output: its step is coarse anyway, and the converter's
             continue               # calibration rejects a refined input there (bias scale check of the FC op)
-        grid = grid_of(inbound[name][0]) if len(inbound.get(name, [])) == 1 else None
+        if isinstance(by_name[name], keras.layers.DepthwiseConv2D):
+            continue
+        sources = inbound.get(name, [])
+        if len(sources) != 1 or not isinstance(by_name[sources[0]], _OP_BETWEEN):
+            continue  # read directly: the converter would drop the QUANTIZE op and keep the refined bias grid
+        grid = grid_of(sources[0])
         if grid is None:
             continue
         lo, hi, factor = refined_input_range(*grid)
         if factor > 1:
             out[name] = (lo, hi)
     return out
+
+
+def output_grid_problems(tflite_bytes: bytes, grids: Mapping[str, tuple]) -> List[str]:
+    """Each output grid (``check_output_grids``' layer name -> (bits, step, signed, nonnegative)) against the file:
+    the last op output whose tensor name holds ``/<name>/`` (the converter names tensors after the Keras layers;
+    a fused ReLU's name joins the ADD's) must have scale ``step`` and zero point ``127 - hi``."""
+    flat = flatbuffer.read(tflite_bytes)
+    problems = []
+    for name, (bits, step, signed, _) in grids.items():
+        outs = [flat.tensors[op.outputs[0]] for op in flat.ops
+                if any(part.split("/")[1:2] == [name] for part in flat.tensors[op.outputs[0]].name.split(";"))]
+        if not outs:
+            problems.append(f"{name}: no op output in the file is named after this layer (its grid is unchecked)")
+            continue
+        out = outs[-1]
+        hi = act_grid_limits(bits, signed)[1]
+        if out.scale is None or abs(out.scale / step - 1) > 1e-5 or out.zero_point != 127 - hi:
+            problems.append(f"{name}: output scale/zero point {out.scale}/{out.zero_point}, expected "
+                            f"{step:g}/{127 - hi}")
+    return problems
 
 
 def _range(x) -> tuple:
@@ -258,11 +321,16 @@ def _as_array(data) -> np.ndarray:
     return np.asarray(data, np.float32)[:_REP_SAMPLES]
 
 
-def _quantize(pruned, plans, input_range, output_ranges, refine=None):
+def _quantize(pruned, plans, input_range, output_ranges, refine=None, output_grids=None):
+    grids = output_grids or {}
+
     def annotate(layer):
         if layer.name in plans:
             config = FixedGridQuantizeConfig.from_plan(plans[layer.name], output_ranges.get(layer.name))
             return _Q.quantize_annotate_layer(layer, config)
+        if layer.name in grids:
+            bits, step, signed, nonnegative = grids[layer.name]
+            return _Q.quantize_annotate_layer(layer, FixedGridOutputConfig(bits, step, signed, nonnegative))
         return layer
 
     annotated = keras.models.clone_model(pruned, clone_function=annotate)
@@ -419,7 +487,8 @@ def inspect(tflite_bytes: bytes, plans: Mapping[str, LayerPlan], prune_report: O
 
 
 def export_plans(model, plans: Mapping[str, LayerPlan], path=None, *, representative_data, io: str = "float",
-                 input_range=None, output_ranges=None, refine_inputs: bool = True) -> ExportReport:
+                 input_range=None, output_ranges=None, refine_inputs: bool = True,
+                 output_grids: Optional[Mapping[str, tuple]] = None) -> ExportReport:
     """Prune, quantize onto the planned grids, convert to integer TFLite, check, and write (plans-level export).
 
     For people who bring their own plans. A trained Bayesian Bits model goes through ``tflite_export.export``
@@ -435,6 +504,8 @@ def export_plans(model, plans: Mapping[str, LayerPlan], path=None, *, representa
         input_range: optional fixed (lo, hi) range of the 8-bit model input, e.g. (0.0, 1.0) for images in [0, 1].
         output_ranges: optional layer name -> (lo, hi) of float-output layers (see ``deployment_model``).
         refine_inputs: carry coarse (2-/4-bit) layer inputs at a finer scale (see ``deployment_model``).
+        output_grids: layer name -> (bits, step, signed): learned grids on Add / average pooling / ReLU /
+            Activation outputs (see ``deployment_model``); checked in the file like the planned layers' outputs.
 
     Returns:
         ExportReport. Raises RuntimeError when a check of the converted file fails.
@@ -445,17 +516,20 @@ def export_plans(model, plans: Mapping[str, LayerPlan], path=None, *, representa
     if not isinstance(plans, Mapping):
         raise TypeError(f"`plans` must be a dict of layer name -> LayerPlan. Received: plans={type(plans).__name__}")
     kwargs = dict(representative_data=representative_data, input_range=input_range, output_ranges=output_ranges,
-                  refine_inputs=refine_inputs)
+                  refine_inputs=refine_inputs, output_grids=output_grids)
     deployed, prune_report, ranges = deployment_model(model, plans, **kwargs)
     tflite_bytes = convert(deployed, representative_data, io=io)
     shared = concat_fed(deployed, plans)
     layers, problems = inspect(tflite_bytes, plans, prune_report, shared)
+    grids = check_output_grids(model, plans, output_grids)
+    problems += output_grid_problems(tflite_bytes, grids)
     scales = {layer.name: layer.bias_scale for layer in layers if layer.bias_scale}
     if not problems and scales:  # second pass: biases on their int32 grid, so Keras == TFLite arithmetic
         kwargs.update(input_range=ranges["input"], output_ranges={k: v for k, v in ranges.items() if k != "input"})
         deployed, prune_report, ranges = deployment_model(model, plans, bias_scales=scales, **kwargs)
         tflite_bytes = convert(deployed, representative_data, io=io)
         layers, problems = inspect(tflite_bytes, plans, prune_report, shared)
+        problems += output_grid_problems(tflite_bytes, grids)
     flat = flatbuffer.read(tflite_bytes)
     tin, tout = _int8_boundary(flat)
     notes = list(prune_report.inexact)
@@ -470,6 +544,10 @@ def export_plans(model, plans: Mapping[str, LayerPlan], path=None, *, representa
             notes.append(f"{name}: {plan.act_bits}-bit activations requantized to 8 bits over the same range")
         if plan.act_bits is None:
             notes.append(f"{name}: float output carried as int8 over {ranges[name]}")
+    for name in (output_grids or {}):
+        if isinstance(model.get_layer(name), keras.layers.AveragePooling2D):
+            notes.append(f"{name}: AVERAGE_POOL_2D keeps its input's scale, so the mean is rounded to the input grid "
+                         f"before it is requantized to the learned grid (up to half an input step off): not exact")
     notes.append(f"input carried as int8 over {ranges['input']}")
     types: Dict[str, int] = {}
     for t in flat.tensors:
@@ -479,7 +557,8 @@ def export_plans(model, plans: Mapping[str, LayerPlan], path=None, *, representa
         input_scale=tin.scale, input_zero_point=tin.zero_point, output_type=flat.tensors[flat.outputs[0]].type,
         output_scale=tout.scale,
         output_zero_point=tout.zero_point, layers=layers, ops=[op.name for op in flat.ops], tensor_types=types,
-        prune=prune_report, ranges=ranges, notes=notes, model_bytes=tflite_bytes, refine_inputs=refine_inputs)
+        prune=prune_report, ranges=ranges, notes=notes, model_bytes=tflite_bytes, refine_inputs=refine_inputs,
+        output_grids={k: tuple(v) for k, v in (output_grids or {}).items()})
     if problems:
         raise RuntimeError("The converted model does not hold the planned grids:\n  " + "\n  ".join(problems))
     if path is not None:

@@ -221,6 +221,12 @@ def _passthrough_state(layer, ins: Sequence[_Chan], in_shapes) -> _Chan:
         return _Chan(ins[0].keep, ins[0].const, ins[0].exact and not ins[0].removed_nonzero.any())
     if all(c.keep.all() for c in ins):
         return None  # untouched: output state computed from the output shape by the caller
+    if type(layer) in _MERGE:
+        kept = [int(c.keep.sum()) for c in ins]
+        raise ValueError(f"Layer {layer.name!r} of type {type(layer).__name__} cannot be pruned through: its inputs "
+                         f"lost different channels (kept {kept} of {ins[0].keep.size}). A residual merge needs the "
+                         f"same channels pruned on every input (tied gates), which the exporter does not take yet; "
+                         f"keep every channel of the layers feeding it. Received: {layer.name!r}")
     raise ValueError(f"Layer {layer.name!r} of type {type(layer).__name__} cannot be pruned through: its inputs lost "
                      f"channels. Supported: Conv2D, DepthwiseConv2D, Dense, BatchNormalization, pooling, Flatten, "
                      f"Concatenate (channel axis), merges of equally pruned inputs, elementwise activations, Dropout.")

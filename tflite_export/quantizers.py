@@ -216,6 +216,46 @@ class FixedGridQuantizeConfig(_EqualByConfig, _Q.QuantizeConfig):
                 "act_step": self.act_step, "act_signed": self.act_signed, "output_range": self.output_range}
 
 
+@_register
+class FixedGridOutputConfig(_EqualByConfig, _Q.QuantizeConfig):
+    """Only an output grid, for a layer without weights whose output is new values (Add, average pooling, a
+    separate ReLU / Activation layer): the tensor's scale is the learned step, as ``FixedGridQuantizeConfig``'s
+    output. The layer's op (ADD, MEAN / AVERAGE_POOL_2D, a fused RELU) then requantizes onto it.
+
+    Args:
+        act_bits, act_step, act_signed: the learned grid (2..8 bits; ``LayerPlan.deployed()`` for wider ones).
+        nonnegative_input: the layer's output is known to be >= 0 (a ReLU, or an average / sum of non-negative
+            values), so an unsigned grid needs no lower clip op.
+    """
+
+    def __init__(self, act_bits: int, act_step: float, act_signed: bool = False, nonnegative_input: bool = False):
+        _check_bits(act_bits)
+        self.act_bits = int(act_bits)
+        self.act_step = float(act_step)
+        self.act_signed = bool(act_signed)
+        self.nonnegative_input = bool(nonnegative_input)
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [FixedGridActivationQuantizer(self.act_bits, self.act_step, self.act_signed,
+                                             nonnegative_input=self.nonnegative_input)]
+
+    def get_config(self):
+        return {"act_bits": self.act_bits, "act_step": self.act_step, "act_signed": self.act_signed,
+                "nonnegative_input": self.nonnegative_input}
+
+
 class _InputQuantize(transforms.Transform):
     """InputLayer => InputLayer -> QuantizeLayer(FixedRangeQuantizer(lo, hi))."""
 
@@ -325,7 +365,8 @@ def quantize_scope():
     return _Q.quantize_scope({"FixedGridWeightQuantizer": FixedGridWeightQuantizer,
                               "FixedGridActivationQuantizer": FixedGridActivationQuantizer,
                               "FixedRangeQuantizer": FixedRangeQuantizer,
-                              "FixedGridQuantizeConfig": FixedGridQuantizeConfig})
+                              "FixedGridQuantizeConfig": FixedGridQuantizeConfig,
+                              "FixedGridOutputConfig": FixedGridOutputConfig})
 
 
 def refined_input_range(bits: int, step: float, signed: bool):

@@ -191,12 +191,16 @@ class LayerRef:
         out_keep: bool per channel of the layer's output: the channels the file keeps.
         in_keep: bool per channel (per feature, for a Dense layer) of the layer's input: the ones the file keeps.
         in_const: the values the removed input channels hold (a pruned channel's constant output), per channel.
+        pad: an optional layer (a ZeroPadding2D) between the file op's input and ``layer`` in the Keras model,
+            applied when the converter fused it into the op (``padding=SAME``; the op then reads the unpadded
+            tensor).
     """
 
     layer: object
     out_keep: np.ndarray
     in_keep: np.ndarray
     in_const: np.ndarray
+    pad: object = None
 
 
 KERNELS = {"xnnpack": "default", "builtin": "none"}  # kernel kind -> ``delegates`` of ``make_interpreter``
@@ -293,6 +297,8 @@ def lsb_histograms(tflite_bytes: bytes, keras_model, x: np.ndarray, layers: Mapp
                 x_in = ((q_in - t_in.zero_point) * t_in.scale).astype(np.float32)
                 full = _full_width(x_in, np.asarray(ref_layer.in_keep, bool), np.asarray(ref_layer.in_const))
                 local = np.asarray(ref_layer.layer(full, training=False))[..., keep]
+                if local.size != got.size and ref_layer.pad is not None:  # the PAD fused into the conv op
+                    local = np.asarray(ref_layer.layer(ref_layer.pad(full), training=False))[..., keep]
                 local = _codes(local, t_out.scale, t_out.zero_point).reshape(got.shape)
                 _count(result[kind][name]["local"], got - local)
     return result
