@@ -17,12 +17,16 @@ def _poisoned(n=256, seed=0):
     return x, y
 
 
-def test_guard_stops_at_the_first_nan_and_names_the_first_layer():
+def _compiled_lenet():
     tf.random.set_seed(0)
     q = bbits_tf.quantize_model(models.lenet5())
-    x, y = _poisoned()
-    bbits_tf.initialize_ranges(q, x)
+    bbits_tf.initialize_ranges(q, _poisoned()[0])  # x[:2]: finite
     q.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return q
+
+
+def test_guard_stops_at_the_first_nan_and_names_the_first_layer():
+    q, (x, y) = _compiled_lenet(), _poisoned()
     # The NaN pixel is in batch 3; ReLU turns the NaN activations into 0 so batch 3's loss is finite, but its
     # update makes conv1's kernel NaN, which batch 4's loss shows: the guard stops there.
     with pytest.raises(NonFiniteError,
@@ -34,11 +38,7 @@ def test_guard_stops_at_the_first_nan_and_names_the_first_layer():
 
 def test_without_the_guard_the_same_data_silently_poisons_the_model():
     # What the guard prevents: training goes on and every variable of conv1 is NaN afterwards.
-    tf.random.set_seed(0)
-    q = bbits_tf.quantize_model(models.lenet5())
-    x, y = _poisoned()
-    bbits_tf.initialize_ranges(q, x)
-    q.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q, (x, y) = _compiled_lenet(), _poisoned()
     q.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     assert first_non_finite_variable(q)[0] == "conv1"
 
