@@ -8,12 +8,11 @@ mkdir -p runs
 JOBS=${1:-2}
 rows() {
   # name, then the options of examples/mnist.py
-  for s in 0 1 2 3 4; do echo "fast-s$s --seed $s"; done
-  for s in 0 1 2; do echo "budget033-s$s --seed $s --budget-bops 0.33"; done
+  for s in 0 1 2 3 4; do echo "fast-s$s --seed $s --budget-bops 0"; done  # fixed mu = 0.1
+  for s in 0 1 2 3 4; do echo "budget033-s$s --seed $s --budget-bops 0.33"; done  # the default run
   echo "gumbel-b038 --method gumbel --budget-bops 0.38"
   echo "float --method float"
   for m in tfmot_w8a8 tfmot_w4a8 tfmot_w2a8 quant_only prune_only_w8 prune_only_w4 gumbel; do echo "$m --method $m"; done
-  for s in 3 4; do echo "budget033-s$s --seed $s --budget-bops 0.33"; done
 }
 run() {
   name=$1; shift
