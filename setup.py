@@ -25,6 +25,8 @@ setup(
         "tflite-micro",  # examples/mnist.py runs the exported int8 model in the TFLite Micro interpreter
         "numpy",
         "matplotlib",
+        "grpcio",  # bbits_tf.tuning's chief/worker sweeps (TensorFlow pulls it in today; imported directly)
+        "flatbuffers",  # tflite_export.int2 rewrites the flatbuffer (also a TensorFlow dependency today)
     ],
     # constraints.txt pins the exact versions behind the README's numbers: pip install -e . -c constraints.txt
     extras_require={"test": ["pytest"]},

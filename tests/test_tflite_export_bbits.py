@@ -140,7 +140,7 @@ def test_bbits_export_lsb_report(bbits_lenet):
     assert "LSB differences" in text and "conv2" in text.split("LSB differences")[1]
     d = report.to_dict()
     assert d["lsb_diffs"] == report.lsb_diffs
-    json.dumps(te.bbits.jsonable(d))
+    json.dumps(te.report.jsonable(d))
 
 
 def test_bbits_export_does_not_change_the_model(bbits_lenet):
@@ -254,7 +254,7 @@ def test_bbits_export_size_accounting(bbits_lenet):
     assert report.learned_weight_bytes == sum(r.learned_weight_bytes for r in report.bbits_layers)
     assert report.stored_weight_bytes + report.stored_bias_bytes < report.file_bytes
     d = report.to_dict()
-    json.dumps(te.bbits.jsonable(d))
+    json.dumps(te.report.jsonable(d))
     assert d["other_bytes"] == report.file_bytes - report.stored_weight_bytes - report.stored_bias_bytes
     assert "learned" in report.format() and "TFLite Micro" in report.format()
 

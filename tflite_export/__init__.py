@@ -15,7 +15,8 @@ A trained Bayesian Bits model (``bbits_tf.quantize_model``) brings its own plans
 """
 from .export import (ExportReport, LayerExport, convert, deployment_model, export_plans, grid_weights, inspect,
                      planned_layers)
-from .bbits import (export, export_bbits, export_for_example, is_bbits_model, output_grids_from_bbits, plain_model,
+from .example import export_for_example
+from .bbits import (export, export_bbits, is_bbits_model, output_grids_from_bbits, plain_model,
                     plans_from_bbits)
 from .flatbuffer import read as read_flatbuffer
 from .micro import run_tflm, tflm_arena_bytes, to_c_array

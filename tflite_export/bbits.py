@@ -21,7 +21,6 @@ The result is a ``BbitsExportReport`` (``report.py``): an ``ExportReport`` with 
 (learned bits x params vs the bytes the file holds), the verification and the check results.
 """
 import dataclasses
-import os
 from typing import Dict, Mapping, Optional
 
 import numpy as np
@@ -34,7 +33,7 @@ from .micro import tflm_check, write_c_arrays
 from .prune import PRODUCERS, graph_nodes
 from .plan import WEIGHT_BITS, LayerPlan, signed_levels
 from .report import BbitsExportReport, layer_rows, to_int2, wide_layers
-from .verify import LayerRef, lsb_histograms, run_litert_any_batch, static_batch, verify
+from .verify import LayerRef, lsb_check, lsb_histograms, run_litert_any_batch, static_batch, verify
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
 _PREDICT_BATCH = 256
@@ -490,7 +489,7 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
     if lsb_samples:
         refs = _layer_refs(qmodel, base.prune.channel_maps, plans)
         report.lsb_diffs = lsb_histograms(base.model_bytes, qmodel, x_val[:lsb_samples], refs)
-        checks["lsb_local_within_1"] = _lsb_check(report.lsb_diffs, problems)
+        checks["lsb_local_within_1"] = lsb_check(report.lsb_diffs, problems)
 
     if tflm if tflm is not None else (io == "int8" and not int2):
         n = min(tflm_samples, len(x_val))
@@ -528,21 +527,6 @@ def _layer_refs(qmodel, channel_maps, plans) -> Dict[str, LayerRef]:
         refs[n] = LayerRef(wrappers[n], channel_maps[n]["out_keep"], channel_maps[n]["in_keep"],
                            channel_maps[n]["in_const"], pad)
     return refs
-
-
-def _lsb_check(lsb_diffs, problems) -> bool:
-    """Every local difference within 1 LSB: the int32 bias grid and the requantization rounding cannot do more;
-    a larger one means different weights, biases, channels or grids."""
-    ok = True
-    for kind, layers in lsb_diffs.items():
-        for name, views in layers.items():
-            hist = views["local"]
-            beyond = sum(c for d, c in hist.items() if abs(d) > 1)
-            if beyond:
-                ok = False
-                problems.append(f"{name} ({kind}): {beyond} output elements differ from the model's fed the same "
-                                f"input by more than 1 LSB (up to {max(abs(d) for d in hist)})")
-    return ok
 
 
 def _off_grid_weights(plain, plans) -> Dict[str, int]:
@@ -601,47 +585,3 @@ def export(model, path=None, *, plans: Optional[Mapping[str, LayerPlan]] = None,
         raise TypeError(f"These options apply to Bayesian Bits models only, not to a float model with plans: "
                         f"{unknown}. Options for plans: {list(_PLANS_OPTIONS)}. Received: {unknown}")
     return export_plans(model, plans, path, **options)
-
-
-def export_for_example(qmodel, output_dir, x_test, y_test, *, x_train=None, io: str = "int8",
-                       input_range=(0.0, 1.0), print_fn=print) -> Dict:
-    """What examples/mnist.py does after training: write ``model.tflite`` and ``model_data.cc/.h`` to
-    ``output_dir``, verify on the test set (LiteRT vs the bbits model, TFLM vs LiteRT), print, return a summary.
-
-    Args:
-        qmodel: the trained bbits model.
-        output_dir: folder for the files.
-        x_test, y_test: the test set (verification on all of it).
-        x_train: training images; the first 1000 are the representative data (default: the first 1000 test images,
-            which only set the logits' int8 range).
-        io: "int8" (default: the file runs on microcontrollers as-is, and on phones) or "float".
-        input_range: range of the 8-bit model input ((0, 1): MNIST pixels, exactly on the grid k / 255).
-        print_fn: where the table goes (None: silent).
-
-    Returns:
-        JSON-able dict: paths, sizes, checks, verification, per-layer accounting.
-    """
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(str(output_dir), "model.tflite")
-    rep = np.asarray(x_train if x_train is not None else x_test, np.float32)[:1000]
-    report = export_bbits(qmodel, path, representative_data=rep, io=io, validation_data=(x_test, y_test),
-                          input_range=input_range, c_array=True, tflm=True)
-    if print_fn is not None:
-        print_fn(f"TFLite export: {path} ({report.file_bytes} bytes), C arrays {report.c_source_path}, "
-                 f"{report.c_header_path}")
-        print_fn(report.format())
-    d = report.to_dict()
-    d.pop("prune", None)
-    return jsonable(d)
-
-
-def jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

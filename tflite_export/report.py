@@ -261,3 +261,16 @@ def wide_layers(plans: Mapping[str, LayerPlan]) -> Dict[str, str]:
             out[name] = ("; ".join(parts) + " (not exact; TFLite's 16x8 mode would need int16 activations in the "
                          "whole model and is not used; nothing is kept float)")
     return out
+
+
+def jsonable(value):
+    """``value`` with NumPy arrays and scalars as plain lists and numbers (for ``json.dumps``)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

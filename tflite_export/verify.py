@@ -308,3 +308,18 @@ def _resolver(delegates: str):
     if delegates not in ("default", "none"):
         raise ValueError(f"`delegates` must be 'default' or 'none'. Received: delegates={delegates!r}")
     return OpResolverType.AUTO if delegates == "default" else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+
+
+def lsb_check(lsb_diffs, problems) -> bool:
+    """Every local difference within 1 LSB: the int32 bias grid and the requantization rounding cannot do more;
+    a larger one means different weights, biases, channels or grids."""
+    ok = True
+    for kind, layers in lsb_diffs.items():
+        for name, views in layers.items():
+            hist = views["local"]
+            beyond = sum(c for d, c in hist.items() if abs(d) > 1)
+            if beyond:
+                ok = False
+                problems.append(f"{name} ({kind}): {beyond} output elements differ from the model's fed the same "
+                                f"input by more than 1 LSB (up to {max(abs(d) for d in hist)})")
+    return ok
