@@ -9,5 +9,6 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # makes tfmot and tfds pick t
 
 import tf_keras as keras  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
+from tf_keras.src.engine.base_layer_utils import call_context  # noqa: E402  (the layer being called)
 
-__all__ = ["keras", "tfmot"]
+__all__ = ["call_context", "keras", "tfmot"]

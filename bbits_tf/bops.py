@@ -7,7 +7,8 @@ Add, Concatenate, pooling or activation layer before it, found through pass-thro
 grid). The model input counts as 8 bits; a tensor that a float layer computed counts as 32 bits. ``keep_L``
 is the fraction of (output channel, input channel) pairs still alive: a channel pruned by a producer also
 removes the consumer's input channel, across pooling, Flatten (where one channel maps to H*W inputs),
-Concatenate (masks concatenate) and Add (a channel is alive if any input keeps it).
+Concatenate (masks concatenate) and Add (a channel is alive if any input keeps it; with tied gates, the
+one gate's). A depthwise layer pruned with its input channels (tied gates) keeps a channel with that one gate.
 
 Deterministic BOPs use the test-time gates; expected BOPs use the gates' keep probabilities (each quantizer's
 expected bit width, with the truncation applied, and the mean keep probability of the channels).
@@ -87,6 +88,8 @@ def _merge(model, layer, inputs):
     if graph.is_passthrough(layer):
         return inputs[0]
     if isinstance(inner, (keras.layers.Add, keras.layers.Maximum)):
+        if all(np.array_equal(t.keep, inputs[0].keep) for t in inputs):  # tied gates: one channel, one gate
+            return _Tensor(float(FLOAT_BITS), inputs[0].keep)
         keep = 1.0 - np.prod([1.0 - t.keep for t in inputs], axis=0)
         return _Tensor(float(FLOAT_BITS), keep)
     if isinstance(inner, graph.GRID_LAYERS) and len(inputs) == 1 and len(inputs[0].keep) == n_out:
@@ -131,7 +134,10 @@ def layer_bops(model, *, expected=False, input_bits=INPUT_BITS, fixed_bits=None)
         n_out = int(graph.output_shape(model, layer)[-1])
         keep_out = _out_keep(roles.get("weight"), n_out, expected)
         keep_in = t_in.keep
-        if graph.mac_kind(layer) == "DepthwiseConv2D":  # a plain or a folded depthwise conv
+        weight = roles.get("weight")
+        if weight is not None and getattr(weight[0], "gates_from", None) and graph.mac_kind(layer) == "DepthwiseConv2D":
+            keep = float(np.mean(keep_out))  # pruned with its input channels: the same gates
+        elif graph.mac_kind(layer) == "DepthwiseConv2D":  # a plain or a folded depthwise conv
             keep = float(np.mean(keep_out * np.repeat(keep_in, n_out // len(keep_in))))
         else:
             keep = float(np.mean(keep_out) * np.mean(keep_in))

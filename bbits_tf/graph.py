@@ -375,3 +375,137 @@ def check_model(model):
             "The model has no defined input shape. Give its first layer `input_shape=...` or start it with "
             f"`keras.Input(shape)` before quantizing. Received: model={model.name} (not built)"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tied pruning gates
+
+
+# Layers a pruned channel passes through channel by channel (it stays pruned): pass-through layers, separate
+# activations, average pooling. (A pruned channel is 0; ``act(0) = 0`` for the activations a unit can absorb.)
+_CHANNELWISE = PASSTHROUGH + ACTIVATION_LAYERS + (
+    keras.layers.AveragePooling1D, keras.layers.AveragePooling2D,
+    keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+)
+
+
+@dataclasses.dataclass
+class PruneGroups:
+    """Which MAC units share pruning gates, and which cannot be pruned (``prune_groups``).
+
+    ``leader``: unit name -> the unit that owns the group's gates (a leader maps to itself; units outside any
+    group are not listed). ``unprunable``: units that get no pruning gates, with the reason.
+    """
+
+    leader: dict
+    unprunable: dict
+
+    def followers(self):
+        return {name: lead for name, lead in self.leader.items() if name != lead}
+
+
+def _channel_sources(model, layer, unit_of_output, found, seen):
+    """Adds to ``found`` the MAC units whose output channels reach ``layer``'s output channel by channel, through
+    pass-through, activation, average-pooling and Add layers; a ``None`` entry for anything else (the model
+    input, a Concatenate, a float layer), whose channels cannot be pruned."""
+    if id(layer) in seen:
+        return
+    seen.add(id(layer))
+    if id(layer) in unit_of_output:
+        found.append(unit_of_output[id(layer)])
+        return
+    inner = inner_layer(layer)
+    if isinstance(inner, keras.layers.InputLayer) or not isinstance(inner, _CHANNELWISE + (keras.layers.Add,)):
+        found.append(None)
+        return
+    for src in inbound_layers(model, layer):
+        _channel_sources(model, src, unit_of_output, found, seen)
+
+
+def prune_groups(model, units=None):
+    """Ties the pruning gates of a float model's MAC units so that every pruned channel can really be removed.
+
+    - Units whose outputs meet in a residual ``Add`` (through activations, pass-through layers and further
+      Adds) share one gate vector: a channel of the residual stream is either kept by every layer that writes
+      it or removed from all of them (and from the Add and every reader).
+    - A ``DepthwiseConv2D`` unit is pruned with its input channels (it follows the unit that produced its
+      input; with a depth multiplier ``m`` each input gate covers its ``m`` outputs): a depthwise layer cannot
+      drop an output channel whose input channel lives, so independent gates would credit BOPs the file does
+      not save.
+    - A group is not pruned at all when one of its channels comes from something without gates (the model
+      input, a Concatenate, a float layer), when one of its units feeds a model output, or when a depthwise
+      layer with a depth multiplier above 1 writes into a residual Add (its channels are not the stream's).
+
+    Returns:
+        ``PruneGroups``. The leader of a group is its first unit in graph order that is not a depthwise layer.
+    """
+    units = mac_units(model) if units is None else units
+    unit_of_output = {id(u.output): name for name, u in units.items()}
+    order = {name: i for i, name in enumerate(units)}
+    parent = {name: name for name in units}
+
+    def root(name):
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    def union(names):
+        roots = sorted({root(n) for n in names}, key=order.get)
+        for r in roots[1:]:
+            parent[r] = roots[0]
+
+    blocked = {}  # root-independent reasons, resolved per group at the end
+    tied = set()
+    for layer in topological_layers(model):
+        if not isinstance(inner_layer(layer), keras.layers.Add):
+            continue
+        found, seen = [], set()
+        for src in inbound_layers(model, layer):
+            _channel_sources(model, src, unit_of_output, found, seen)
+        members = [n for n in found if n is not None]
+        tied.update(members)
+        union(members)
+        if None in found:
+            for n in members:
+                blocked.setdefault(n, f"its channels meet channels without gates in {layer.name}")
+        for n in members:
+            unit = units[n]
+            if mac_kind(unit.mac) == "DepthwiseConv2D" and int(unit.mac.depth_multiplier) != 1:
+                blocked.setdefault(n, f"a depthwise layer with depth multiplier {unit.mac.depth_multiplier} "
+                                      f"writes into {layer.name}")
+    unprunable = {}
+    for name, unit in units.items():
+        if mac_kind(unit.mac) != "DepthwiseConv2D":
+            continue
+        found = []
+        for src in inbound_layers(model, unit.mac):
+            _channel_sources(model, src, unit_of_output, found, set())
+        if None in found or not found:
+            unprunable[name] = ("a depthwise layer is pruned with its input channels, and its input has channels "
+                                "without pruning gates")
+            continue
+        tied.add(name)
+        tied.update(found)
+        union([name] + found)
+    for name, unit in units.items():
+        if feeds_output(model, unit.output):
+            blocked.setdefault(name, "it feeds a model output")
+    groups = {}
+    for name in tied:
+        groups.setdefault(root(name), []).append(name)
+    leader = {}
+    for members in groups.values():
+        members.sort(key=order.get)
+        reasons = [f"{n}: {blocked[n]}" for n in members if n in blocked]
+        if reasons:
+            for n in members:
+                unprunable.setdefault(n, "tied to layers that cannot be pruned (" + "; ".join(reasons) + ")")
+            continue
+        heads = [n for n in members if mac_kind(units[n].mac) != "DepthwiseConv2D"] or members
+        for n in members:
+            leader[n] = heads[0]
+    for name in units:
+        if name in blocked and name not in unprunable and name not in leader:
+            unprunable[name] = blocked[name]
+    return PruneGroups(leader=leader, unprunable=unprunable)

@@ -241,6 +241,7 @@ def quantize_model(
     macs = {name: graph.layer_macs(model, unit.mac) for name, unit in units.items()}
     max_macs = max(macs.values())
     sites = _activation_sites(model, units)
+    groups = graph.prune_groups(model, units) if prune else None
 
     common = dict(gate=gate, mu=mu, mask_bias=mask_bias)
     registry = BayesianBitsQuantizeScheme(**common).get_quantize_registry()
@@ -252,11 +253,14 @@ def quantize_model(
 
     quantize_configs = {}
     for name, unit in units.items():
+        prunes = prune and name not in groups.unprunable and not graph.feeds_output(model, unit.output)
+        lead = groups.leader.get(name, name) if prunes else name
         weight_kwargs = dict(
             bit_widths=weight_bit_widths,
             init_log_alpha=init_log_alpha[: len(weight_bit_widths) - 1],
-            prune=prune and not graph.feeds_output(model, unit.output),
+            prune=prunes,
             mac_weight=macs[name] / max_macs,
+            gates_from=None if lead == name else lead,
         )
         quantize_configs[name] = registry.get_quantize_config(
             unit.mac, weight_kwargs=weight_kwargs,
@@ -290,6 +294,7 @@ def quantize_model(
     )
     quantized.bbits_report = report
     logger.info(report.format())
+    bayesian_bits_quantizers(quantized)  # links tied pruning gates
     return quantized
 
 
@@ -335,7 +340,24 @@ def bayesian_bits_quantizers(model):
             found.append((layer, "weight", quantizer, variables))
         for quantizer in layer._output_quantizers:  # pylint: disable=protected-access
             found.append((layer, "activation", quantizer, layer._output_quantizer_vars))  # pylint: disable=protected-access
+    _link_tied_gates(found)
     return found
+
+
+def _link_tied_gates(found):
+    """Gives every follower quantizer (``gates_from``) its leader's ``log_alpha_2`` variable."""
+    owners = {graph.inner_layer(w).name: v for w, role, q, v in found if role == "weight" and "log_alpha_2" in v
+              and q.gates_from is None}
+    for wrapper, role, quantizer, variables in found:
+        if role != "weight" or getattr(quantizer, "gates_from", None) is None or "log_alpha_2" in variables:
+            continue
+        if quantizer.gates_from not in owners:
+            raise ValueError(
+                f"Layer {graph.inner_layer(wrapper).name!r} shares the pruning gates of layer "
+                f"{quantizer.gates_from!r}, which is not in this model (or has no pruning gates). Keep the layers "
+                f"that share gates in one model. Received: layers with gates {sorted(owners)}"
+            )
+        variables["log_alpha_2"] = owners[quantizer.gates_from]["log_alpha_2"]
 
 
 def _check_quantized(model):
@@ -392,6 +414,7 @@ def variable_groups(model):
     quantizers = _check_quantized(model)
     ranges = [v["x_max"] for _, _, _, v in quantizers]
     gates = [v[key] for _, _, _, v in quantizers for key in ("log_alpha", "log_alpha_2") if key in v]
+    gates = list({id(v): v for v in gates}.values())  # tied pruning gates are one variable
     special = {id(v) for v in ranges + gates}
     weights = [v for v in model.trainable_variables if id(v) not in special]
     return {"weights": weights, "ranges": ranges, "gates": gates}

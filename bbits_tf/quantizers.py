@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from bbits_tf import checks, ops
 from bbits_tf import gates as gates_lib
-from bbits_tf._keras import keras, tfmot
+from bbits_tf._keras import call_context, keras, tfmot
 
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
 
@@ -27,6 +27,51 @@ def _keep_layer_weights_first(wrapper):
     own = wrapper._trainable_weights  # pylint: disable=protected-access
     missing = [w for w in inner.trainable_weights if all(w is not x for x in own)]
     own[:0] = missing
+
+
+def weight_quantizer_vars(layer):
+    """The variables dict of the weight quantizer of a (wrapped) MAC layer, or ``None``."""
+    inner = getattr(layer, "layer", layer)
+    folded = getattr(inner, "weight_quantizer_vars", None)  # a FoldedBatchNorm holds its weight quantizer
+    if folded:
+        return folded
+    for _, quantizer, variables in getattr(layer, "_weight_vars", ()):
+        if isinstance(quantizer, BayesianBitsQuantizer):
+            return variables
+    return None
+
+
+@tf.autograph.experimental.do_not_convert
+def _find_leader_gates(leader):
+    """The ``log_alpha_2`` of layer ``leader``'s weight quantizer, searched in the Keras graph of the layer being
+    called (its inbound and outbound nodes, transitively); ``None`` if not found."""
+    start = call_context().layer
+    if start is None:
+        return None
+    stack, seen = [start], set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if getattr(getattr(layer, "layer", layer), "name", None) == leader:
+            variables = weight_quantizer_vars(layer)
+            if variables and "log_alpha_2" in variables:
+                return variables["log_alpha_2"]
+        for node in getattr(layer, "_inbound_nodes", ()):
+            stack.extend(tf.nest.flatten(node.inbound_layers))
+        for node in getattr(layer, "_outbound_nodes", ()):
+            stack.append(node.outbound_layer)
+    return None
+
+
+@tf.autograph.experimental.do_not_convert
+def _building_model():
+    """Whether Keras is tracing a layer call on symbolic inputs to build a model (only shapes matter)."""
+    if tf.executing_eagerly():
+        return False
+    name = str(getattr(tf.compat.v1.get_default_graph(), "name", ""))
+    return name == "keras_graph" or name.endswith("_scratch_graph")
 
 
 @keras.utils.register_keras_serializable(package="bbits_tf")
@@ -66,6 +111,12 @@ class BayesianBitsQuantizer(_Quantizer):
         gate: gate kind, ``"hard_concrete"`` or ``"gumbel_sigmoid"``.
         mac_weight: ``c_k`` of the regularizer, or ``None`` for unit cost.
         mu: initial regularizer strength; it lives in a variable that ``bbits_tf.set_mu`` changes.
+        gates_from: with ``prune``, the name of the layer whose weight quantizer owns this quantizer's pruning
+            gates (tied gates, ``bbits_tf.graph.prune_groups``): no ``log_alpha_2`` of its own; it uses the
+            leader's variable (found in the model when first needed). A leader's gates of shape ``(C,)`` cover a
+            depthwise follower's ``(C, mult)`` channels, each input gate its ``mult`` outputs. Each member draws
+            its own training sample of the shared gates (deviation: the exported, deterministic masks are
+            identical, the training noise is not shared).
     """
 
     def __init__(
@@ -79,6 +130,7 @@ class BayesianBitsQuantizer(_Quantizer):
         gate="hard_concrete",
         mac_weight=None,
         mu=0.0,
+        gates_from=None,
     ):
         self.bit_widths = ops.validate_bit_widths(bit_widths)
         if isinstance(init_log_alpha, (int, float)) or init_log_alpha is None:
@@ -96,7 +148,12 @@ class BayesianBitsQuantizer(_Quantizer):
         self.gate = gates_lib.get_gate_kind(gate).name
         self.mac_weight = None if mac_weight is None else checks.number("mac_weight", mac_weight, minimum=0)
         self.mu = checks.number("mu", mu, minimum=0)
+        if gates_from is not None and (not isinstance(gates_from, str) or not gates_from or not self.prune):
+            raise ValueError("`gates_from` names the layer that owns the pruning gates of a pruning quantizer "
+                             f"(prune=True). Received: gates_from={gates_from!r}, prune={self.prune}")
+        self.gates_from = gates_from
         self._bias = None
+        self._channel_shape = None
 
     @property
     def num_gates(self):
@@ -132,12 +189,15 @@ class BayesianBitsQuantizer(_Quantizer):
             )
         if self.prune:
             channel_shape = tuple(int(d) for d in tensor_shape[-self.channel_ndims :])
+            self._channel_shape = channel_shape
+        if self.prune and self.gates_from is None:
             weights["log_alpha_2"] = add(
                 f"{name}_log_alpha_2",
                 shape=channel_shape,
                 initializer=keras.initializers.Constant(gates_lib.PRUNE_INIT_LOG_ALPHA),
                 trainable=True,
             )
+        if self.prune:
             inner = getattr(layer, "layer", None)
             if self.mask_bias and getattr(inner, "use_bias", False):
                 self._bias = inner.bias
@@ -189,8 +249,41 @@ class BayesianBitsQuantizer(_Quantizer):
         if not self.prune:
             return None
         kind = gates_lib.get_gate_kind(self.gate)
-        log_alpha_2 = weights["log_alpha_2"]
-        return kind.sample(log_alpha_2) if training else kind.deterministic(log_alpha_2)
+        log_alpha_2 = self.gate_variable(weights)
+        if log_alpha_2 is None:  # a follower traced while Keras builds the model: shapes only
+            return tf.ones(self._channel_shape, tf.float32)
+        z = kind.sample(log_alpha_2) if training else kind.deterministic(log_alpha_2)
+        return self._to_channels(z)
+
+    def _to_channels(self, per_gate):
+        """A tensor over the (leader's) gates, laid out over this quantizer's channels."""
+        shape = self._channel_shape
+        if shape is None or tuple(per_gate.shape) == tuple(shape):
+            return per_gate
+        per_gate = tf.reshape(per_gate, [-1] + [1] * (len(shape) - 1))
+        return tf.broadcast_to(per_gate, shape)
+
+    def gate_variable(self, weights):
+        """The ``log_alpha_2`` variable of this quantizer's pruning gates (the leader's for tied gates).
+
+        A follower (``gates_from``) links to its leader the first time it is needed: ``bayesian_bits_quantizers``
+        does it for the whole model, and a call finds the leader in the Keras graph of the layer being called.
+        Returns ``None`` only while Keras builds the model (a shape-only trace); raises if the leader is missing.
+        """
+        if "log_alpha_2" in weights:
+            return weights["log_alpha_2"]
+        found = _find_leader_gates(self.gates_from)
+        if found is not None:
+            weights["log_alpha_2"] = found
+            return found
+        if _building_model():
+            return None
+        raise ValueError(
+            f"This quantizer's pruning gates are tied to layer {self.gates_from!r}, which was not found in the model "
+            "being called. Load saved models with `bbits_tf.load_model(path)` (or call "
+            "`bbits_tf.bayesian_bits_quantizers(model)` once) so that tied gates are linked, and keep the layers "
+            f"that share gates in one model. Received: gates_from={self.gates_from!r}"
+        )
 
     def quantize_with_gates(self, inputs, training, weights):
         """``(x_q, z_2)``: ``inputs`` quantized (pruning gates applied) and the flat ``z_2`` sample it used.
@@ -234,7 +327,7 @@ class BayesianBitsQuantizer(_Quantizer):
             chain = chain + cost * reach
         if self.prune:
             kind = gates_lib.get_gate_kind(self.gate)
-            keep = tf.reduce_mean(kind.prob_nonzero(weights["log_alpha_2"]))
+            keep = tf.reduce_mean(kind.prob_nonzero(self.gate_variable(weights)))
             return keep * (costs[0] + chain)
         return 1.0 + chain
 
@@ -249,6 +342,7 @@ class BayesianBitsQuantizer(_Quantizer):
             "gate": self.gate,
             "mac_weight": self.mac_weight,
             "mu": self.mu,
+            "gates_from": self.gates_from,
         }
 
     @classmethod
@@ -290,7 +384,7 @@ class BayesianBitsQuantizer(_Quantizer):
         if not self.prune:
             return None
         kind = gates_lib.get_gate_kind(self.gate)
-        return kind.prob_nonzero(weights["log_alpha_2"]).numpy().reshape(-1)
+        return self._to_channels(kind.prob_nonzero(self.gate_variable(weights))).numpy().reshape(-1)
 
     def step_size(self, weights):
         """Step size of the deterministic bit width, ``range / (2^b - 1)``."""

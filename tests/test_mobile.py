@@ -20,7 +20,8 @@ def _quantizers(model):
 
 def _gate_parameters(model):
     found = bbits_tf.bayesian_bits_quantizers(model)
-    z2 = sum(int(np.prod(v["log_alpha_2"].shape)) for _, _, _, v in found if "log_alpha_2" in v)
+    tied = {id(v["log_alpha_2"]): v["log_alpha_2"] for _, _, _, v in found if "log_alpha_2" in v}  # shared: once
+    z2 = sum(int(np.prod(v.shape)) for v in tied.values())
     bits = sum(int(np.prod(v["log_alpha"].shape)) for _, _, _, v in found)
     return z2, bits
 
@@ -79,8 +80,10 @@ def test_resnet_block_quantizers_signs_and_gate_count_by_hand(qblock):
     assert signed == {("stem", "activation"): False, ("c1", "activation"): False, ("c2", "activation"): True,
                       ("out_relu", "activation"): False, ("gap", "activation"): False}
     assert [k[0] for k, (quantizer, _) in q.items() if quantizer.prune] == ["stem", "c1", "c2"]  # not the head
-    # 9 quantizers x 4 bit gates; pruning gates: 8 channels each for stem, c1, c2 (the head is never pruned).
-    assert _gate_parameters(qblock) == (3 * 8, 9 * BIT_GATES)
+    # stem and c2 meet in the Add: they share one gate vector, the stem's.
+    assert [q[(n, "weight")][0].gates_from for n in ("stem", "c1", "c2")] == [None, None, "stem"]
+    # 9 quantizers x 4 bit gates; pruning gates: 8 channels for the stem/c2 stream and 8 for c1 (never the head).
+    assert _gate_parameters(qblock) == (2 * 8, 9 * BIT_GATES)
 
 
 def test_resnet_block_regularizer_weights_are_consumer_macs(qblock):
@@ -127,7 +130,7 @@ def test_folded_model_fits_one_step_and_reloads_identically(tmp_path):
     x = rng.random((16, 8, 8, 3), dtype=np.float32)
     y = rng.integers(0, 10, 16)
     groups = bbits_tf.variable_groups(q)
-    assert [len(groups[k]) for k in ("ranges", "gates")] == [9, 9 + 3]  # 9 quantizers; 3 pruning gate vectors
+    assert [len(groups[k]) for k in ("ranges", "gates")] == [9, 9 + 2]  # 9 quantizers; 2 pruning gate vectors
     stem = graph.inner_layer(q.get_layer("quant_stem"))
     assert any(v is stem.weight_quantizer_vars["log_alpha_2"] for v in groups["gates"])
     mean_before = stem.moving_mean.numpy().copy()
@@ -153,6 +156,13 @@ def test_folded_model_fits_one_step_and_reloads_identically(tmp_path):
         assert _inner_types(loaded) == _inner_types(q)
         assert bbits_tf.summary(loaded).relative_bops == pytest.approx(bbits_tf.summary(q).relative_bops)
         assert float(bbits_tf.regularization_loss(loaded)) == pytest.approx(float(bbits_tf.regularization_loss(q)))
+    # A plain Keras load (after `import bbits_tf`) links the tied gates on the first call: same predictions.
+    plain = keras.models.load_model(str(tmp_path / "block.h5"))
+    np.testing.assert_array_equal(plain.predict(x, verbose=0), want)
+    followers = [(q_, v) for w, role, q_, v in bbits_tf.bayesian_bits_quantizers(plain) if q_.gates_from]
+    assert [q_.gates_from for q_, _ in followers] == ["stem"]
+    stem_vars = graph.inner_layer(plain.get_layer("quant_stem")).weight_quantizer_vars
+    assert followers[0][1]["log_alpha_2"] is stem_vars["log_alpha_2"]
 
 
 def test_folded_unit_matches_the_float_model_before_quantization_noise():
@@ -212,15 +222,24 @@ def test_mobilenet_v2_quantizers_gates_and_signs(mobilenet, qmobilenet):
     assert len(weights) == 53  # 35 Conv2D, 17 DepthwiseConv2D, the classifier
     # Every folded unit's output, the 10 Adds and the average pooling; not the logits.
     assert len(activations) == 52 + 10 + 1 and "predictions" not in activations
-    # By hand: one pruning gate per BN channel (the classifier is not pruned), 4 bit gates per quantizer.
-    channels = sum(int(layer.moving_mean.shape[0]) for layer in mobilenet.layers if isinstance(layer, L.BatchNormalization))
+    # By hand: one pruning gate per output channel of each Conv2D (not the classifier), except that the projections
+    # of the blocks that end in an Add share the gates of their stage's first projection; depthwise layers are
+    # pruned with their input channels (no gates of their own). 4 bit gates per quantizer.
+    residual = {f"block_{i}_project" for i in (2, 4, 5, 7, 8, 9, 11, 12, 14, 15)}
+    channels = sum(layer.filters for layer in mobilenet.layers
+                   if type(layer) is L.Conv2D and layer.name not in residual)
+    expand = 3 * 48 + 3 * 96 + 4 * 144 + 3 * 192 + 3 * 336  # blocks 1-16: 6 x their input channels
+    project = 8 + 8 + 16 + 24 + 32 + 56 + 112  # expanded_conv, then the first block of each stage
+    assert channels == 16 + expand + project + 1280  # Conv1, ..., Conv_1
     assert _gate_parameters(qmobilenet) == (channels, (53 + 63) * BIT_GATES)
     # ReLU6 outputs (and their average) are unsigned; the linear bottlenecks and the Adds of them are signed.
     assert not activations["Conv1"].signed and not activations["block_1_expand"].signed
     assert not activations["block_1_depthwise"].signed and not activations["global_average_pooling2d"].signed
     assert activations["block_1_project"].signed and activations["block_2_add"].signed
-    depthwise = q[("block_1_depthwise", "weight")][1]["log_alpha_2"]
-    assert tuple(depthwise.shape) == (48, 1)
+    depthwise, expand = q[("block_1_depthwise", "weight")], q[("block_1_expand", "weight")]
+    assert depthwise[0].gates_from == "block_1_expand" and depthwise[1]["log_alpha_2"] is expand[1]["log_alpha_2"]
+    assert tuple(expand[1]["log_alpha_2"].shape) == (48,)
+    assert q[("block_5_project", "weight")][0].gates_from == "block_3_project"
 
 
 def test_mobilenet_v2_regularizer_weights_are_consumer_macs(mobilenet, qmobilenet):
@@ -372,3 +391,53 @@ def test_lenet5_is_not_transformed():
     assert _inner_types(q) == ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense"]
     assert q.bbits_report.folded == [] and q.bbits_report.activations == []
     assert not any(isinstance(graph.inner_layer(layer), FoldedBatchNorm) for layer in q.layers)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tied pruning gates (graph.prune_groups)
+
+
+def test_resnet20_stages_share_one_gate_vector_each():
+    groups = graph.prune_groups(bbits_tf.models.resnet20())
+    stages = {}
+    for name, lead in groups.leader.items():
+        stages.setdefault(lead, set()).add(name)
+    blocks = [f"stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2, 3)]
+    # Every layer that writes a stage's residual stream: the stem (stage 1) or the projection shortcut, and the
+    # second conv of each block. The blocks' first convs keep gates of their own; the classifier has none.
+    assert stages == {
+        "conv1": {"conv1", "stage1_block1_conv2", "stage1_block2_conv2", "stage1_block3_conv2"},
+        "stage2_block1_conv2": {"stage2_block1_conv2", "stage2_block1_shortcut", "stage2_block2_conv2",
+                                "stage2_block3_conv2"},
+        "stage3_block1_conv2": {"stage3_block1_conv2", "stage3_block1_shortcut", "stage3_block2_conv2",
+                                "stage3_block3_conv2"},
+    }
+    assert groups.unprunable == {"fc": "it feeds a model output"}
+    q = bbits_tf.quantize_model(bbits_tf.models.resnet20())
+    found = _quantizers(q)
+    own = [b + "_conv1" for b in blocks] + ["conv1", "stage2_block1_conv2", "stage3_block1_conv2"]
+    assert sorted(n for (n, role), (quantizer, v) in found.items()
+                  if role == "weight" and "log_alpha_2" in v and quantizer.gates_from is None) == sorted(own)
+    assert _gate_parameters(q)[0] == 3 * (16 + 32 + 64) + (16 + 32 + 64)  # the 9 blocks' conv1, the 3 streams
+    assert bbits_tf.summary(q).relative_bops == pytest.approx(6.25, rel=1e-12)
+
+
+def test_depthwise_with_a_multiplier_follows_its_input_gates():
+    inputs = keras.Input((8, 8, 2))
+    h = L.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    h = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="relu", name="dw")(h)
+    h = L.Conv2D(3, 1, activation="relu", name="pw")(h)
+    q = bbits_tf.quantize_model(keras.Model(inputs, L.Dense(5, name="head")(L.Flatten()(h))))
+    found = _quantizers(q)
+    (_, conv_v), (dw_q, dw_v) = found[("conv", "weight")], found[("dw", "weight")]
+    assert dw_q.gates_from == "conv" and dw_v["log_alpha_2"] is conv_v["log_alpha_2"]
+    conv_v["log_alpha_2"].assign([6.0, -6.0, 6.0, 6.0])  # input channel 1 of dw: its outputs 2 and 3 (k = i*2 + m)
+    np.testing.assert_array_equal(dw_q.channel_mask(dw_v), [1, 1, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_allclose(dw_q.channel_keep_prob(dw_v)[[2, 3]], 2 * [float(tf.sigmoid(-6.0 + 1.5985969))],
+                               rtol=1e-5)
+    rows = {r.name: r for r in bbits_tf.bops.layer_bops(q)}
+    assert (rows["dw"].kept_in, rows["dw"].kept_out, rows["dw"].keep) == (3, 6, 0.75)  # one gate, counted once
+    assert (rows["pw"].kept_in, rows["pw"].keep) == (6, 0.75)
+    x = np.random.default_rng(0).random((2, 8, 8, 2), dtype=np.float32)
+    dw_out = keras.Model(q.inputs, q.get_layer("quant_dw").output)(x, training=False).numpy()
+    assert np.all(dw_out[..., 2:4] == 0) and np.any(dw_out[..., [0, 1, 4, 5, 6, 7]] != 0)

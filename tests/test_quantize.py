@@ -133,7 +133,9 @@ def test_sequential_and_functional_with_a_branch():
     # The concatenation has one grid (one scale in TFLite): its inputs a and b get no quantizer of their own.
     assert sorted(q) == sorted([("a", "weight"), ("b", "weight"), ("cat", "activation"),
                                 ("dw", "weight"), ("dw", "activation"), ("head", "weight")])
-    assert q[("dw", "weight")][1]["log_alpha_2"].shape == (12, 1)  # one gate per depthwise output channel
+    # A depthwise conv is pruned with its input channels; these come out of a Concatenate, which has no gates.
+    assert not q[("dw", "weight")][0].prune and "log_alpha_2" not in q[("dw", "weight")][1]
+    assert [tuple(q[(n, "weight")][1]["log_alpha_2"].shape) for n in ("a", "b")] == [(8,), (4,)]
     # The concatenation feeds the depthwise conv: its quantizer is charged the conv's MACs.
     dw_macs = 8 * 8 * 9 * 12
     max_macs = max(10 * 10 * 27 * 8, 10 * 10 * 27 * 4, dw_macs, 4 * 4 * 12 * 5)

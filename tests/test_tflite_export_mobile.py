@@ -195,15 +195,69 @@ def test_resnet_block_export_agrees_with_the_bbits_model(resnet_export):
     assert set(report.lsb_diffs["xnnpack"]) == {"stem", "c1", "c2", "c3", "head"}
 
 
-def test_pruned_channels_into_a_residual_add_are_refused(mnist):
-    x, y, _, _ = _small_mnist(mnist, n=64)
-    qmodel = bbits_tf.quantize_model(resnet_block(), mu=0.01)
-    qmodel(x[:2], training=True)
-    q, v = _quantizers(qmodel)[("c2", "weight")]
-    v["log_alpha_2"].assign(np.where(np.arange(8) < 2, -6.0, 6.0).astype(np.float32))  # c2 prunes 2 channels
-    assert int(np.sum(q.channel_mask(v) > 0.5)) == 6
+def _file_layers(report, qmodel):
+    """Layer name -> (op, input channels, output channels, MACs) of each CONV/DEPTHWISE/FC op in the file."""
+    flat = flatbuffer.read(report.model_bytes)
+    names = [w.layer.name for w, role, _, _ in bbits_tf.bayesian_bits_quantizers(qmodel) if role == "weight"]
+    found = {}
+    for op, w, _, out in flatbuffer.weight_tensors(flat):
+        name = flatbuffer.match_layer([w.name, out.name], names)
+        spatial = int(np.prod(out.shape[1:-1])) if len(out.shape) == 4 else 1
+        if op.name == "DEPTHWISE_CONV_2D":  # weights (1, kh, kw, C * mult)
+            found[name] = (op.name, w.shape[-1], w.shape[-1], spatial * int(np.prod(w.shape)))
+        else:  # (c_out, kh, kw, c_in) or (c_out, c_in)
+            found[name] = (op.name, w.shape[-1], w.shape[0], spatial * int(np.prod(w.shape)))
+    return found
+
+
+def _check_bops_match_the_file(qmodel, report):
+    """Kept channels counted == shapes in the flatbuffer, and the BOPs counted == the BOPs of those shapes."""
+    in_file = _file_layers(report, qmodel)
+    records = bbits_tf.bops.layer_bops(qmodel)
+    assert {r.name for r in records} == set(in_file)
+    for r in records:
+        _, n_in, n_out, macs = in_file[r.name]
+        assert (r.kept_out, r.macs * r.keep) == (n_out, pytest.approx(macs, rel=1e-12)), r.name
+        if r.layer_type != "FoldedBatchNorm" or in_file[r.name][0] != "DEPTHWISE_CONV_2D":
+            assert r.kept_in == n_in, r.name
+    counted = sum(r.bops for r in records)
+    from_file = sum(in_file[r.name][3] * r.input_bits * r.weight_bits for r in records)
+    assert counted == pytest.approx(from_file, rel=1e-12)
+    return in_file
+
+
+def test_prune_refuses_a_residual_add_whose_inputs_lost_different_channels():
+    model = resnet_block()
+    masks = {"c2": np.arange(8) >= 2}  # c2 loses 2 channels, the stem none: the Add cannot shrink
     with pytest.raises(ValueError, match=r"'add' of type Add cannot be pruned through.*kept \[6, 8\] of 8.*tied"):
-        te.export(qmodel, None, representative_data=x, input_range=(0.0, 1.0))
+        te.prune(model, masks)
+
+
+def test_tied_residual_gates_remove_the_same_channels_from_the_stage(mnist):
+    x, y, x_val, y_val = _small_mnist(mnist, n=256)
+    qmodel = bbits_tf.quantize_model(resnet_block(), mu=0.01)
+    _train(qmodel, x, y, steps=20)
+    table = _quantizers(qmodel)
+    (stem_q, stem_v), (c2_q, c2_v) = table[("stem", "weight")], table[("c2", "weight")]
+    # stem and c2 meet in the Add: one gate vector, owned by the stem; c1 and c3 have their own.
+    assert (stem_q.gates_from, c2_q.gates_from, table[("c1", "weight")][0].gates_from) == (None, "stem", None)
+    assert c2_v["log_alpha_2"] is stem_v["log_alpha_2"]
+    assert sum(v.name.endswith("log_alpha_2:0") for v in bbits_tf.variable_groups(qmodel)["gates"]) == 3
+    stem_v["log_alpha_2"].assign(np.where(np.arange(8) < 3, -6.0, 6.0).astype(np.float32))  # 3 stream channels
+    table[("c1", "weight")][1]["log_alpha_2"].assign(np.where(np.arange(8) == 7, -6.0, 6.0).astype(np.float32))
+    np.testing.assert_array_equal(c2_q.channel_mask(c2_v), stem_q.channel_mask(stem_v))
+    report = te.export(qmodel, None, representative_data=x[:100], validation_data=(x_val, y_val),
+                       input_range=(0.0, 1.0), lsb_samples=50)
+    in_file = _check_bops_match_the_file(qmodel, report)
+    # (op, input channels, output channels): the stream keeps 5 of 8 channels in stem, c2, the Add and c3's input.
+    assert {k: v[:3] for k, v in in_file.items()} == {
+        "stem": ("CONV_2D", 1, 5), "c1": ("CONV_2D", 5, 7), "c2": ("CONV_2D", 7, 5), "c3": ("CONV_2D", 5, 8),
+        "head": ("FULLY_CONNECTED", 8, 10)}
+    flat = flatbuffer.read(report.model_bytes)
+    (add,) = [flat.tensors[op.outputs[0]] for op in flat.ops if op.name == "ADD"]
+    assert add.shape[-1] == 5
+    assert report.verification.top1_agreement_on_grid >= 0.995
+    assert report.checks["lsb_local_within_1"], report.problems
 
 
 # ---------------------------------------------------------------------------------------------------- stage 3
@@ -255,6 +309,31 @@ def test_mini_mobilenet_exports_on_learned_grids(mini_mobilenet_export):
     assert set(report.lsb_diffs["xnnpack"]) == {"stem", "expand", "dw1", "project1", "dw2", "project2", "head"}
 
 
+def test_depthwise_layers_are_pruned_with_their_input_channels(mnist):
+    x, y, x_val, y_val = _small_mnist(mnist, n=256)
+    qmodel = bbits_tf.quantize_model(mini_mobilenet(), mu=0.01)
+    table = _quantizers(qmodel)
+    # dw1 follows expand; the residual stream (stem, project1) also carries dw2, which reads it through the pad.
+    leaders = {name: q.gates_from for (name, role), (q, _) in table.items() if role == "weight" and q.prune}
+    assert leaders == {"stem": None, "expand": None, "dw1": "expand", "project1": "stem", "dw2": "stem",
+                       "project2": None}
+    _train(qmodel, x, y, steps=20)
+    table[("expand", "weight")][1]["log_alpha_2"].assign(np.where(np.arange(16) % 4 == 0, -6.0, 6.0))
+    table[("stem", "weight")][1]["log_alpha_2"].assign(np.where(np.arange(8) == 2, -6.0, 6.0))
+    # Coral's layout: int8 io, no INT4, batch 1; the exporter runs the static Edge TPU check on the file.
+    report = te.export(qmodel, None, representative_data=x[:100], validation_data=(x_val, y_val),
+                       input_range=(0.0, 1.0), lsb_samples=50, io="int8", int4=False, batch_size=1)
+    assert report.edgetpu["passed"], report.edgetpu["problems"]
+    assert "Edge TPU static check: passed" in report.format() and "edgetpu_compiler was not run" in report.format()
+    in_file = _check_bops_match_the_file(qmodel, report)
+    assert {k: v[:3] for k, v in in_file.items()} == {
+        "stem": ("CONV_2D", 1, 7), "expand": ("CONV_2D", 7, 12), "dw1": ("DEPTHWISE_CONV_2D", 12, 12),
+        "project1": ("CONV_2D", 12, 7), "dw2": ("DEPTHWISE_CONV_2D", 7, 7), "project2": ("CONV_2D", 7, 16),
+        "head": ("FULLY_CONNECTED", 16, 10)}
+    assert report.verification.top1_agreement_on_grid >= 0.995
+    assert report.checks["lsb_local_within_1"], report.problems
+
+
 def _mnist_32x32x3(x):
     """MNIST padded to 32x32 with the channel repeated three times (still on the 1/255 grid)."""
     return np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
@@ -270,7 +349,8 @@ def test_mobilenet_v2_exports(mnist):
     qmodel = bbits_tf.quantize_model(base, mu=0.01)
     _train(qmodel, x, y_train[:2048], steps=40)
     report = te.export(qmodel, None, representative_data=x[:200], validation_data=(x_val, None),
-                       input_range=(0.0, 1.0), lsb_samples=50)
+                       input_range=(0.0, 1.0), lsb_samples=50, io="int8", int4=False, batch_size=1)
+    assert report.edgetpu["passed"], report.edgetpu["problems"]
     counts = _op_counts(report.model_bytes)
     assert counts["CONV_2D"] + counts["DEPTHWISE_CONV_2D"] == 52 and counts["DEPTHWISE_CONV_2D"] == 17
     assert counts["ADD"] == 10 and counts["MEAN"] == 1 and counts["FULLY_CONNECTED"] == 1

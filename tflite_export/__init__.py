@@ -15,6 +15,7 @@ A trained Bayesian Bits model (``bbits_tf.quantize_model``) brings its own plans
 """
 from .export import (ExportReport, LayerExport, convert, deployment_model, export_plans, grid_weights, inspect,
                      planned_layers)
+from .edgetpu import EdgeTpuProblem, EdgeTpuReport, edgetpu_check
 from .example import export_for_example
 from .bbits import (export, export_bbits, is_bbits_model, output_grids_from_bbits, plain_model,
                     plans_from_bbits)
@@ -28,7 +29,7 @@ from .quantizers import (FixedGridActivationQuantizer, FixedGridOutputConfig, Fi
 from .verify import LayerRef, VerifyReport, layer_io, lsb_histograms, run_litert, verify
 
 __all__ = [
-    "BbitsExportReport", "BbitsLayer", "export_bbits", "export_for_example", "is_bbits_model", "plain_model",
+    "BbitsExportReport", "BbitsLayer", "EdgeTpuProblem", "EdgeTpuReport", "edgetpu_check", "export_bbits", "export_for_example", "is_bbits_model", "plain_model",
     "plans_from_bbits", "output_grids_from_bbits",
     "ExportReport", "FixedGridActivationQuantizer", "FixedGridOutputConfig", "FixedGridQuantizeConfig",
     "FixedGridScheme",

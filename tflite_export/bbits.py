@@ -28,6 +28,7 @@ import numpy as np
 from bbits_tf import configs
 from bbits_tf._keras import keras, tfmot
 
+from .edgetpu import edgetpu_check
 from .export import OUTPUT_GRID_LAYERS, ExportReport, check_path, export_plans, write_file
 from .micro import tflm_check, write_c_arrays
 from .prune import PRODUCERS, graph_nodes
@@ -465,7 +466,8 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
     in_channels = {n: int(plain.get_layer(n).input_shape[-1]) for n in plans}
     rows, problems = layer_rows(base, plans, int4, int2, in_channels)
     report = BbitsExportReport(**fields, bbits_layers=rows, plans={n: p.to_dict() for n, p in plans.items()},
-                               wide_layers=wide_layers(plans), int4=sorted(int4))
+                               wide_layers=wide_layers(plans), int4=sorted(int4),
+                               edgetpu=edgetpu_check(base.model_bytes).to_dict())
     checks = {"grids": True,  # export raises when a weight or activation is off its planned grid
               "types_and_distinct_codes": not any("distinct" in p or "stored as" in p for p in problems),
               "kept_channels": not any("output channels" in p for p in problems)}

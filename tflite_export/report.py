@@ -82,6 +82,7 @@ class BbitsExportReport(ExportReport):
     problems: List[str] = dataclasses.field(default_factory=list)
     int4: List[str] = dataclasses.field(default_factory=list)
     lsb_diffs: Dict[str, Dict[str, Dict[str, Dict[int, int]]]] = dataclasses.field(default_factory=dict)
+    edgetpu: Optional[dict] = None  # tflite_export.edgetpu.edgetpu_check(file).to_dict(): Coral's static rules
 
     @property
     def learned_weight_bytes(self) -> float:
@@ -152,6 +153,11 @@ class BbitsExportReport(ExportReport):
             lines.append(f"{name}: {how}")
         lines.append("checks: " + ", ".join(f"{k} {'ok' if ok else 'FAILED'}" for k, ok in self.checks.items()))
         lines.extend(f"  problem: {p}" for p in self.problems)
+        if self.edgetpu is not None:
+            tpu = self.edgetpu
+            kinds = sorted({p["check"] for p in tpu["problems"]})
+            lines.append(f"Edge TPU static check: {'passed' if tpu['passed'] else 'failed (' + ', '.join(kinds) + ')'}"
+                         " (io='int8', int4=False, batch_size=1 for Coral; edgetpu_compiler was not run)")
         return "\n".join(lines)
 
 
