@@ -1,7 +1,10 @@
-"""Dataset loading: MNIST from IDX files (a copy ships with the package) or from tensorflow_datasets.
+"""Dataset loading: MNIST from IDX files (a copy ships with the package) or from tensorflow_datasets; CIFAR-10
+from its binary version or from tensorflow_datasets.
 
 The recipe of the paper (spec section 7.2) feeds MNIST through ``ToTensor`` only: pixels scaled to [0, 1], no
 mean/std normalisation and no augmentation. ``load_mnist`` returns exactly that, as NumPy arrays in NHWC layout.
+For CIFAR-10 (spec 7.3) the paper also normalises each channel by a fixed mean and std; ``load_cifar10`` does
+that, and leaves the training augmentation (crop and flip) to the training pipeline.
 
 Example:
 
@@ -16,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["MNIST_DIR", "MNIST_FILES", "load_mnist", "make_dataset", "read_idx"]
+__all__ = ["MNIST_DIR", "MNIST_FILES", "load_mnist", "make_dataset", "read_idx",
+           "CIFAR10_FILES", "CIFAR10_MEAN", "CIFAR10_STD", "load_cifar10", "normalize_cifar10", "read_cifar10_batch"]
 
 MNIST_DIR = Path(__file__).resolve().parent / "datasets" / "mnist"
 """The MNIST copy shipped with the package (the four gzip-compressed IDX files)."""
@@ -224,6 +228,169 @@ def _load_mnist_tfds(data_dir):
 
     train, test = tfds.as_numpy(
         tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True,
+                  data_dir=None if data_dir is None else os.fspath(data_dir))
+    )
+    return train + test
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CIFAR-10 (spec section 7.3)
+
+CIFAR10_FILES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)}
+"""Files of CIFAR-10's binary version (``cifar-10-binary.tar.gz``), per split."""
+
+CIFAR10_SUBDIR = "cifar-10-batches-bin"
+"""The folder the binary archive unpacks to; ``load_cifar10`` also looks for the files inside it."""
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+"""Per-channel (R, G, B) mean and std of the paper's loader (``benchmarks/cifar/cifar10_data_loader.py``,
+``transforms.Normalize``), applied to pixels scaled to [0, 1]. The std values are those of the common PyTorch
+CIFAR recipes, not the data set's per-channel std (about 0.247, 0.243, 0.261): kept as the paper used them."""
+
+_CIFAR10_SHAPE = (3, 32, 32)  # channels, rows, columns of one stored image (CHW)
+_CIFAR10_RECORD = 1 + 3 * 32 * 32  # one label byte, then 1024 red, 1024 green, 1024 blue bytes (row-major 32x32)
+_CIFAR10_SOURCES = ("binary", "tfds")
+
+
+def load_cifar10(data_dir=None, *, source="binary", train_limit=None, normalize=True):
+    """Loads CIFAR-10 (50,000 training and 10,000 test images, 32x32 RGB, 10 classes) as NumPy arrays.
+
+    The paper's loader (spec 7.3) scales pixels to [0, 1] and normalises each channel with ``CIFAR10_MEAN`` and
+    ``CIFAR10_STD`` (``transforms.Normalize``), for the training and the test set alike; ``normalize=True`` returns
+    exactly that. Its training augmentation (random 32x32 crop of the image padded by 4, random horizontal flip)
+    changes every epoch and is the training pipeline's job (``examples/cifar10.py``), not the loader's.
+
+    Args:
+        data_dir: for ``source="binary"``, the folder holding CIFAR-10's binary version (``data_batch_1.bin`` ..
+            ``data_batch_5.bin`` and ``test_batch.bin``), directly or in its ``cifar-10-batches-bin`` subfolder;
+            required, since no copy ships with the package. For ``source="tfds"``, the tensorflow_datasets data
+            folder (``None``: its default).
+        source: ``"binary"`` reads the binary files from disk, offline; ``"tfds"`` goes through tensorflow_datasets,
+            which downloads the data set on first use (needs internet access).
+        train_limit: keep only the first ``train_limit`` training examples (the test set stays whole);
+            ``None`` keeps all.
+        normalize: ``True``: float32 ``(pixel / 255 - CIFAR10_MEAN) / CIFAR10_STD`` per channel (``normalize_cifar10``);
+            ``False``: the raw uint8 values in [0, 255].
+
+    Returns:
+        ``((x_train, y_train), (x_test, y_test))``: images of shape ``(N, 32, 32, 3)`` (NHWC, channels R, G, B) and
+        int64 labels in 0..9 of shape ``(N,)``.
+
+    Raises:
+        ValueError: bad ``source`` or ``train_limit``, a missing folder or file, a file whose size is not a multiple
+            of the 3,073-byte record, or a label outside 0..9.
+    """
+    if source not in _CIFAR10_SOURCES:
+        raise ValueError(f"`source` must be one of {_CIFAR10_SOURCES}. Received: source={source!r}")
+    if train_limit is not None and (isinstance(train_limit, bool) or not isinstance(train_limit, int)
+                                    or train_limit < 1):
+        raise ValueError(f"`train_limit` must be a positive int or None. Received: train_limit={train_limit!r}")
+    if source == "binary":
+        x_train, y_train, x_test, y_test = _load_cifar10_binary(data_dir)
+    else:
+        x_train, y_train, x_test, y_test = _load_cifar10_tfds(data_dir)
+    if train_limit is not None:
+        x_train, y_train = x_train[:train_limit], y_train[:train_limit]
+    prepare = normalize_cifar10 if normalize else (lambda x: np.asarray(x, np.uint8))
+    return (prepare(x_train), y_train.astype(np.int64)), (prepare(x_test), y_test.astype(np.int64))
+
+
+def normalize_cifar10(x):
+    """The paper's CIFAR-10 input: uint8 RGB pixels (last axis the channel) -> float32
+    ``(x / 255 - CIFAR10_MEAN) / CIFAR10_STD``."""
+    x = np.asarray(x)
+    if x.shape[-1:] != (3,):
+        raise ValueError(f"`x` must hold RGB images with the channel last (NHWC). Received: x with shape {x.shape}")
+    mean, std = np.asarray(CIFAR10_MEAN, np.float32), np.asarray(CIFAR10_STD, np.float32)
+    return (x.astype(np.float32) / np.float32(255.0) - mean) / std
+
+
+def read_cifar10_batch(path):
+    """Reads one file of CIFAR-10's binary version.
+
+    Each record is 3,073 bytes: the label (0..9), then the image as 1024 red, 1024 green and 1024 blue bytes, each
+    plane 32x32 row-major (CHW).
+
+    Args:
+        path: path of the file (e.g. ``data_batch_1.bin``).
+
+    Returns:
+        ``(images, labels)``: uint8 images of shape ``(N, 32, 32, 3)`` (NHWC) and uint8 labels of shape ``(N,)``.
+
+    Raises:
+        ValueError: the file is missing, empty, not a multiple of 3,073 bytes long, or holds a label above 9.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`path` must be an existing CIFAR-10 binary file. Received: path={str(path)!r}")
+    raw = path.read_bytes()
+    if not raw or len(raw) % _CIFAR10_RECORD:
+        raise ValueError(
+            f"{path.name} is not a CIFAR-10 binary file: its size must be a positive multiple of the "
+            f"{_CIFAR10_RECORD}-byte record (1 label byte + 3072 pixel bytes); found {len(raw)} bytes "
+            f"({len(raw) // _CIFAR10_RECORD} records and {len(raw) % _CIFAR10_RECORD} bytes over). "
+            f"Received: path={str(path)!r}"
+        )
+    records = np.frombuffer(raw, np.uint8).reshape(-1, _CIFAR10_RECORD)
+    labels = records[:, 0].copy()
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise ValueError(
+            f"{path.name} holds labels outside 0..9 in {bad.size} record(s); the first is record {int(bad[0])} "
+            f"with label {int(labels[bad[0]])}. (The CIFAR-100 binary version has 2 label bytes per record.) "
+            f"Received: path={str(path)!r}"
+        )
+    images = records[:, 1:].reshape((-1,) + _CIFAR10_SHAPE).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
+
+
+def _cifar10_folder(data_dir):
+    """The folder that holds the binary files: ``data_dir`` itself or its ``cifar-10-batches-bin`` subfolder."""
+    if data_dir is None:
+        raise ValueError(
+            "`data_dir` must be the folder holding CIFAR-10's binary version (data_batch_1.bin .. data_batch_5.bin, "
+            f"test_batch.bin, or their {CIFAR10_SUBDIR}/ folder); no copy ships with the package. "
+            "Received: data_dir=None"
+        )
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(
+            "`data_dir` must be an existing folder holding CIFAR-10's binary files. "
+            f"Received: data_dir={str(data_dir)!r}"
+        )
+    names = CIFAR10_FILES["train"] + CIFAR10_FILES["test"]
+    if not any((data_dir / name).is_file() for name in names) and (data_dir / CIFAR10_SUBDIR).is_dir():
+        return data_dir / CIFAR10_SUBDIR
+    return data_dir
+
+
+def _load_cifar10_binary(data_dir):
+    folder = _cifar10_folder(data_dir)
+    arrays = {}
+    for split, names in CIFAR10_FILES.items():
+        images, labels = [], []
+        for name in names:
+            if not (folder / name).is_file():
+                hint = ""
+                if (folder / name.replace(".bin", "")).is_file() or (folder / "batches.meta").is_file():
+                    hint = (" This folder looks like CIFAR-10's Python version (pickles); this loader reads the "
+                            "binary version (cifar-10-binary.tar.gz).")
+                raise ValueError(
+                    f"CIFAR-10 file {name!r} not found in {str(folder)!r}.{hint} Received: data_dir={str(data_dir)!r}"
+                )
+            x, y = read_cifar10_batch(folder / name)
+            images.append(x)
+            labels.append(y)
+        arrays[split] = (np.concatenate(images), np.concatenate(labels))
+    return arrays["train"] + arrays["test"]
+
+
+def _load_cifar10_tfds(data_dir):
+    import tensorflow_datasets as tfds  # lazy: heavy import, and only this path needs it
+
+    train, test = tfds.as_numpy(
+        tfds.load("cifar10", split=["train", "test"], batch_size=-1, as_supervised=True,
                   data_dir=None if data_dir is None else os.fspath(data_dir))
     )
     return train + test

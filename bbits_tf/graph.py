@@ -108,6 +108,12 @@ def input_shape(model, layer):
     return tuple(tf.nest.flatten(node.input_tensors)[0].shape)
 
 
+def input_shapes(model, layer):
+    """Shapes of every input tensor of ``layer`` in ``model`` (a merge layer has several)."""
+    node = _node(model, layer)
+    return [tuple(t.shape) for t in tf.nest.flatten(node.input_tensors)] if node is not None else []
+
+
 def output_shape(model, layer):
     node = _node(model, layer)
     return tuple(tf.nest.flatten(node.outputs)[0].shape)

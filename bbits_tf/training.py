@@ -243,16 +243,19 @@ def make_optimizer(model, recipe, steps_per_epoch):
 # Training
 
 
-def _as_datasets(data, batch_size, test_batch_size, seed):
+def _as_datasets(data, batch_size, test_batch_size, seed, train_map=None):
     (x_train, y_train), (x_test, y_test) = data
     train = data_lib.make_dataset(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed)
+    if train_map is not None:
+        train = train.map(train_map).prefetch(tf.data.AUTOTUNE)  # sequential: random draws keep their order
     test = data_lib.make_dataset(x_test, y_test, batch_size=test_batch_size)
     return train, test, math.ceil(len(x_train) / batch_size)
 
 
 def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch_size=1000, print_fn=print,
           log_dir=None, bit_width_every=None, relative_bops=None, epoch_offset=0, phase="train", total_epochs=None,
-          guard_non_finite=True, checkpoint_dir=None, checkpoint_config=None, checkpoint_extra=None, resume=True):
+          guard_non_finite=True, checkpoint_dir=None, checkpoint_config=None, checkpoint_extra=None, resume=True,
+          train_map=None):
     """Compiles ``model`` with the recipe's optimizer(s) and fits it for ``recipe.epochs`` epochs.
 
     Evaluates on the test set after every epoch (Keras progress bar, then ``BopsLogger``'s line), records the
@@ -286,6 +289,8 @@ def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch
             (``read_checkpoint(dir)["extra"]``).
         resume: continue from a checkpoint in ``checkpoint_dir``; ``False`` starts afresh (later saves replace the
             checkpoints there).
+        train_map: a function ``(x, y) -> (x, y)`` of TensorFlow ops applied to every training batch (e.g. data
+            augmentation, ``examples/cifar10.py``); never to the test set. ``None``: none.
 
     Returns:
         ``(keras History, BopsLogger, BitWidthHistory)``. After a resume the History holds the epochs of this call,
@@ -299,7 +304,7 @@ def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch
     if guard_non_finite:
         data_lib.check_finite(data[0][0], "x_train")
         data_lib.check_finite(data[1][0], "x_test")
-    train_ds, test_ds, steps = _as_datasets(data, recipe.batch_size, test_batch_size, seed)
+    train_ds, test_ds, steps = _as_datasets(data, recipe.batch_size, test_batch_size, seed, train_map)
     with model.distribute_strategy.scope():
         if bayesian_bits_quantizers(model):
             initialize_ranges(model, data[0][0])
@@ -348,7 +353,8 @@ class TrainingRun:
 
 
 def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1, print_fn=print, log_dir=None,
-        bit_width_every=None, callbacks=(), guard_non_finite=True, checkpoint_dir=None, checkpoint_config=None):
+        bit_width_every=None, callbacks=(), guard_non_finite=True, checkpoint_dir=None, checkpoint_config=None,
+        train_map=None):
     """Float warm-up (if the recipe has one), ``build_method``, then ``train``: the whole experiment.
 
     With ``checkpoint_dir`` it saves a checkpoint after every epoch of both phases and, called again with the same
@@ -368,7 +374,8 @@ def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1
         method: one of ``METHODS``.
         seed: seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``) and the shuffling.
         strategy: a ``tf.distribute.Strategy`` or ``None``.
-        verbose, print_fn, log_dir, bit_width_every, callbacks, guard_non_finite: passed to ``train``.
+        verbose, print_fn, log_dir, bit_width_every, callbacks, guard_non_finite, train_map: passed to ``train``
+            (both phases).
         checkpoint_dir: folder for the checkpoints (``None``: none). A finished run's last checkpoint stays; calling
             ``run`` again only rebuilds its result.
         checkpoint_config: JSON-able data that, with ``method``, ``recipe`` and ``seed``, identifies the run (the data,
@@ -404,7 +411,7 @@ def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1
 
     common = dict(verbose=verbose, seed=seed, print_fn=print_fn, log_dir=log_dir, callbacks=callbacks,
                   total_epochs=recipe.epochs, guard_non_finite=guard_non_finite, checkpoint_dir=checkpoint_dir,
-                  checkpoint_config=config, checkpoint_extra=extra_state)
+                  checkpoint_config=config, checkpoint_extra=extra_state, train_map=train_map)
     with strategy.scope():
         float_model = model() if callable(model) and not isinstance(model, keras.Model) else model
     warmup = 0 if method == "float" else recipe.warmup_epochs

@@ -1,6 +1,7 @@
-"""Bayesian Bits on MNIST / LeNet5: train, evaluate every epoch, report, plot, save.
+"""Bayesian Bits on MNIST / LeNet5 (or VGG7, ResNet20, MobileNetV2): train, evaluate every epoch, report, plot, save.
 
     python examples/mnist.py                              # the fast recipe (default), seed 0
+    python examples/mnist.py --model mobilenet_v2         # MobileNetV2 (alpha 0.35) on MNIST padded to 32x32x3
     python examples/mnist.py --recipe paper               # the paper's recipe: 100 epochs (spec 7.2)
     python examples/mnist.py --method tfmot_w4a8          # a fixed-bit baseline, same data/epochs/evaluation
     python examples/mnist.py --epochs 1 --train-limit 2000 --output-dir /tmp/smoke   # CI smoke run
@@ -28,6 +29,7 @@ way. The identical command on a finished folder prints its result and exits with
 Invalid options and missing data stop the script (status 2) before it creates the folder.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -40,12 +42,40 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import bbits_tf  # noqa: E402
 from bbits_tf import data as data_lib  # noqa: E402
 from bbits_tf import models, training  # noqa: E402
 from bbits_tf._keras import keras  # noqa: E402
+
+
+# --model: (builder, input shape). MNIST is zero-padded to 32x32 for the CIFAR-sized networks (the pixels stay on
+# their 1/255 grid), and its one channel repeated where the network wants 3.
+MODELS = {
+    "lenet5": (models.lenet5, (28, 28, 1)),
+    "vgg7": (models.vgg7, (32, 32, 1)),
+    "resnet20": (models.resnet20, (32, 32, 1)),
+    "mobilenet_v2": (models.mobilenet_v2, (32, 32, 3)),
+}
+
+
+def model_images(x, model_name):
+    """MNIST images ``(n, 28, 28, 1)`` as the input of ``MODELS[model_name]``: padded, channels repeated."""
+    height, width, channels = MODELS[model_name][1]
+    pad_h, pad_w = height - x.shape[1], width - x.shape[2]
+    if pad_h or pad_w:
+        x = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    if channels != x.shape[-1]:
+        x = np.repeat(x, channels, axis=-1)
+    return x
+
+
+def build_model(model_name):
+    """A function without arguments that builds the float network of ``--model`` (for ``training.run``)."""
+    builder, shape = MODELS[model_name]
+    return functools.partial(builder, input_shape=shape, num_classes=10)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -57,6 +87,9 @@ def make_parser():
     epilog = "\n".join(docstring_lines[docstring_lines.index("") + 1:]).replace("``", "")
     parser = argparse.ArgumentParser(description=docstring_lines[0], epilog=epilog, formatter_class=_HelpFormatter)
     parser.add_argument("--recipe", choices=sorted(training.RECIPES), default="fast", help="training recipe")
+    parser.add_argument("--model", choices=sorted(MODELS), default="lenet5",
+                        help="network: LeNet5 on 28x28 MNIST (the paper's), or VGG7, ResNet20 or MobileNetV2 "
+                             "(alpha 0.35) on MNIST zero-padded to 32x32 (channels repeated to 3 for MobileNetV2)")
     parser.add_argument("--method", choices=training.METHODS, default="bb",
                         help="Bayesian Bits (bb), an ablation, or a fixed-bit baseline")
     parser.add_argument("--epochs", type=int, help="total epochs, float warm-up included (default: the recipe's)")
@@ -321,6 +354,8 @@ def run_options(args, recipe):
     """What defines the run in ``--output-dir``: the resolved recipe and the other options that change the
     results, as JSON data (saved in results.json and in the checkpoints)."""
     options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_OPTIONS + RECIPE_OPTIONS}
+    if options.get("model") == "lenet5":
+        del options["model"]  # the default, and runs made before --model existed have no such option
     options["recipe"] = recipe.to_dict()
     return json.loads(json.dumps(options))
 
@@ -332,6 +367,8 @@ def saved_run_options(results):
         return settings["run_options"]
     args = argparse.Namespace(**{**vars(make_parser().parse_args([])), **(settings.get("args") or {})})
     options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_OPTIONS + RECIPE_OPTIONS}
+    if options.get("model") == "lenet5":
+        del options["model"]
     options["recipe"] = settings.get("recipe")
     return json.loads(json.dumps(options))
 
@@ -404,7 +441,8 @@ def main(argv=None):
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
     recipe = make_recipe(args)
-    output_dir = Path(args.output_dir or f"runs/mnist-{args.method}-{args.seed}")
+    model_part = "" if args.model == "lenet5" else f"{args.model}-"
+    output_dir = Path(args.output_dir or f"runs/mnist-{model_part}{args.method}-{args.seed}")
     options = run_options(args, recipe)
     state, found = inspect_output_dir(output_dir, options, args.overwrite)
     if state == "finished":
@@ -418,9 +456,11 @@ def main(argv=None):
     if args.test_limit:
         (x_test, y_test) = data[1]
         data = (data[0], (x_test[:args.test_limit], y_test[:args.test_limit]))
+    if args.model != "lenet5":
+        data = tuple((model_images(x, args.model), y) for x, y in data)
     (x_train, _), (x_test, _) = data
-    print(f"MNIST: {len(x_train)} training, {len(x_test)} test images; method {args.method}; recipe {args.recipe}: "
-          f"{recipe}")
+    print(f"MNIST: {len(x_train)} training, {len(x_test)} test images of {x_train.shape[1:]}; model {args.model}; "
+          f"method {args.method}; recipe {args.recipe}: {recipe}")
 
     env = environment(args)
     budget = None
@@ -439,7 +479,7 @@ def main(argv=None):
     callbacks = [progress] + ([budget] if budget is not None else [])
     checkpoint_dir = output_dir / CHECKPOINT_DIR
     try:
-        result = training.run(models.lenet5, recipe, data, method=args.method, seed=args.seed, verbose=args.verbose,
+        result = training.run(build_model(args.model), recipe, data, method=args.method, seed=args.seed, verbose=args.verbose,
                               log_dir=args.log_dir, bit_width_every=args.bit_width_every or None, callbacks=callbacks,
                               checkpoint_dir=checkpoint_dir, checkpoint_config={"run_options": options})
     except KeyboardInterrupt:
@@ -461,6 +501,7 @@ def main(argv=None):
         "relative_bops": result.profile.relative_bops,
         "expected_relative_bops": result.profile.expected_relative_bops,
         "method": args.method,
+        "model": args.model,
         "layers": layer_rows(result.profile),
         "total_macs": result.profile.total_macs,
         "wall_time_s": result.wall_time_s,

@@ -233,3 +233,24 @@ def test_default_run_lands_on_the_budget_and_ablations_do_not():
         mnist.parse_args(["--budget-bops", "-1"])
     with pytest.raises(SystemExit):
         mnist.parse_args(["--method", "float", "--budget-bops", "0.3"])
+
+
+def test_models_beyond_lenet_read_mnist_padded_to_32x32(mnist_example):
+    """--model: MNIST zero-padded to 32x32 (pixels unchanged, centred), one channel repeated where MobileNetV2 wants 3."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    x = np.random.default_rng(0).random((3, 28, 28, 1)).astype(np.float32)
+    for name, shape in (("lenet5", (28, 28, 1)), ("vgg7", (32, 32, 1)), ("resnet20", (32, 32, 1)),
+                        ("mobilenet_v2", (32, 32, 3))):
+        images = mnist_example.model_images(x, name)
+        assert images.shape == (3, *shape), name
+        top, left = (shape[0] - 28) // 2, (shape[1] - 28) // 2
+        np.testing.assert_array_equal(images[:, top:top + 28, left:left + 28], np.repeat(x, shape[2], -1))
+        assert float(images.sum()) == pytest.approx(float(x.sum()) * shape[2], rel=1e-6)  # the border is 0
+        model = mnist_example.build_model(name)()
+        assert tuple(model.input_shape[1:]) == shape and model.output_shape == (None, 10)
+    args = mnist_example.parse_args(["--model", "mobilenet_v2"])
+    options = mnist_example.run_options(args, mnist_example.make_recipe(args, print_fn=None))
+    assert options["model"] == "mobilenet_v2"
+    lenet = mnist_example.parse_args([])
+    assert "model" not in mnist_example.run_options(lenet, mnist_example.make_recipe(lenet, print_fn=None))

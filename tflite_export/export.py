@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from bbits_tf import graph
 from bbits_tf._keras import keras, tfmot
 
 from . import flatbuffer
@@ -223,7 +224,6 @@ def check_output_grids(model, plans, output_grids) -> Dict[str, tuple]:
     """``output_grids`` (layer name -> (bits, step, signed)) checked against ``model`` and deployed (<= 8 bits),
     as layer name -> (bits, step, signed, nonnegative input); ``nonnegative`` (``bbits_tf.graph.nonnegative``)
     spares an unsigned grid its lower clip (a MAXIMUM op)."""
-    from bbits_tf import graph  # pylint: disable=import-outside-toplevel
     out = {}
     for name, grid in (output_grids or {}).items():
         try:
@@ -239,9 +239,9 @@ def check_output_grids(model, plans, output_grids) -> Dict[str, tuple]:
     return out
 
 
-_SAME_GRID = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.GlobalMaxPooling1D,
-              keras.layers.GlobalMaxPooling2D, keras.layers.Flatten, keras.layers.Reshape, keras.layers.Dropout,
-              keras.layers.SpatialDropout2D)
+# Layers whose output stays on their input's grid: bbits_tf.graph's pass-through layers (max pooling, Flatten,
+# Reshape, Dropout, padding, cropping).
+_SAME_GRID = tuple(cls for cls in graph.PASSTHROUGH if cls is not keras.layers.InputLayer)
 
 
 _OP_BETWEEN = (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.GlobalMaxPooling1D,

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from bbits_tf import graph
 from bbits_tf._keras import keras
 
 L = keras.layers
@@ -84,27 +85,18 @@ class _Chan:
 def graph_nodes(model) -> List[Tuple[object, List[str]]]:
     """(layer, names of the layers feeding it) in topological order, InputLayers included.
 
-    Raises ValueError for shared layers and nested models, which the exporter does not handle.
+    The walk is ``bbits_tf.graph``'s (the one the quantizer, the BOP counter and the pruning gates use). Raises
+    ValueError for shared layers and nested models, which the exporter does not handle.
     """
     if not model.built or not model.inputs:
         raise ValueError(f"The model must be built with a known input shape. Received: model={model.name!r}")
     out = []
-    for layer in model.layers:
+    for layer in graph.topological_layers(model):
         if isinstance(layer, keras.Model):
             raise ValueError(f"Nested models are not supported; flatten the model first. Received: {layer.name!r}")
-        node_ids = [i for i in range(len(layer._inbound_nodes))  # pylint: disable=protected-access
-                    if f"{layer.name}_ib-{i}" in model._network_nodes]  # pylint: disable=protected-access
-        if len(node_ids) > 1:
+        if not isinstance(layer, L.InputLayer) and graph.call_count(model, layer) > 1:
             raise ValueError(f"Shared layers (called more than once) are not supported. Received: {layer.name!r}")
-        if isinstance(layer, L.InputLayer):
-            out.append((layer, []))
-            continue
-        node = layer._inbound_nodes[node_ids[0]]  # pylint: disable=protected-access
-        sources = [t._keras_history.layer.name for t in node.keras_inputs]  # pylint: disable=protected-access
-        out.append((layer, sources))
-    if isinstance(model, keras.Sequential) and not isinstance(model.layers[0], L.InputLayer):
-        first = model.inputs[0]._keras_history.layer  # pylint: disable=protected-access
-        out.insert(0, (first, []))
+        out.append((layer, [src.name for src in graph.inbound_layers(model, layer)]))
     return out
 
 
@@ -264,7 +256,7 @@ def prune(model, masks: Mapping[str, np.ndarray], *,
             chans[layer.name] = _Chan(np.ones(shape[-1], bool), np.zeros(shape[-1]))
             continue
         ins = [chans[n] for n in inbound]
-        in_shapes = [tuple(t.shape) for t in _node_inputs(layer, model)]
+        in_shapes = graph.input_shapes(model, layer)
         mask = masks.get(layer.name)
         transform = output_transforms.get(layer.name)
         if isinstance(layer, PRODUCERS):
@@ -300,13 +292,6 @@ def prune(model, masks: Mapping[str, np.ndarray], *,
     pruned = keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs if len(outputs) > 1 else outputs[0],
                          name=model.name)
     return pruned, report
-
-
-def _node_inputs(layer, model):
-    for i, node in enumerate(layer._inbound_nodes):  # pylint: disable=protected-access
-        if f"{layer.name}_ib-{i}" in model._network_nodes:  # pylint: disable=protected-access
-            return node.keras_inputs
-    return []
 
 
 def prune_model(model, masks: Mapping[str, np.ndarray], **kwargs):
