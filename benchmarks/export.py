@@ -1,9 +1,13 @@
-"""LeNet5 as float TFLite, tfmot int8 and bbits_tf TFLite: file size, accuracy and LiteRT latency, in one run.
+"""Float TFLite, tfmot int8 and bbits_tf TFLite of one model: file size, accuracy and LiteRT latency, in one run.
 
 Usage:
     python benchmarks/export.py                                   # trains a quick bbits_tf LeNet5 first
     python benchmarks/export.py --bbits-model runs/mnist-bb-0/model.h5   # a trained model (.h5 or SavedModel)
     python benchmarks/export.py --runs 2000 --output benchmarks/results/export.json
+    python benchmarks/export.py --model mobilenet_v2              # -> benchmarks/results/export_mobilenet_v2.json
+    python benchmarks/export.py --model mobilenet_v2 --smoke      # a few steps and runs (for the tests)
+
+``--model lenet5`` (the default) is described first; ``--model mobilenet_v2`` below.
 
 The model: ``--bbits-model PATH`` loads a Bayesian Bits LeNet5 saved by examples/mnist.py (``model.h5``; a
 SavedModel folder works too) inside ``bbits_tf.quantize_scope()``. Without it, one is trained here:
@@ -31,6 +35,21 @@ Latency: ``ai_edge_litert`` interpreter, batch 1, ``num_threads=1``, once with t
 once with the builtin kernels only. The variants are timed round-robin (``--rounds`` rounds of ``--runs`` /
 ``--rounds`` invokes each, after ``--warmup``) so that load from other processes hits them alike; the median and
 90th percentile of all invokes are reported. Ratios are tfmot_int8 / bbits (size: bbits / tfmot_int8).
+
+``--model mobilenet_v2``: tf_keras ``applications.MobileNetV2`` (alpha 0.35, 32x32x3, 10 classes, logits;
+``benchmarks/train_step.py``'s ``mobilenet_v2``) on MNIST padded to 32x32 with the channel repeated three times.
+There is no trained run: the float model is trained ``--train-steps`` steps (batch 64, Adam 1e-3), then
+``bbits_tf.quantize_model`` of it (mu 0.01, BatchNorm folded; ``--fixed-weight-bits`` fixes every weight's bit
+width, else all gates stay at their initial w8a8) gets ``bbits_tf.initialize_ranges`` and ``--qat-steps`` steps
+(Adam 1e-4), as does ``tfmot.quantization.keras.quantize_model`` of the same float model. Variants:
+
+* ``float``: the trained float model, TFLiteConverter without optimizations (float input/output).
+* ``tfmot_int8``: the tfmot QAT model converted with ``Optimize.DEFAULT`` and ``--io`` input/output (default int8).
+* ``bbits``: ``tflite_export.export(qmodel, None, representative_data=..., io="int8", input_range=(0, 1))``
+  (``bbits_int4_all`` too, ``int4=True``, when ``--fixed-weight-bits`` is 4 or less).
+
+Accuracy on the first ``--test-images`` test images (default 2000; at these few steps it says little). If tfmot
+cannot quantize or convert the model, its error is in ``errors`` and the ratios to it are left out.
 """
 import argparse
 import json
@@ -50,9 +69,18 @@ from bbits_tf import data as data_lib  # noqa: E402
 from bbits_tf import models, training  # noqa: E402
 from bbits_tf._keras import keras, tfmot  # noqa: E402
 import tflite_export as te  # noqa: E402
+from tflite_export.report import jsonable  # noqa: E402
 from tflite_export.verify import make_interpreter, quantize_input  # noqa: E402
+from benchmarks.train_step import MU, mnist_32x32x3, mobilenet_v2  # noqa: E402
 
 QUICK_EPOCHS = 1
+MODELS = ("lenet5", "mobilenet_v2")
+QAT_LR = 1e-4  # fine-tuning learning rate of the quantized models (tfmot; bbits for mobilenet_v2)
+# Per model: io, test images (None: all 10,000), representative images, LSB samples (None: export's default).
+DEFAULTS = {"lenet5": {"io": "float", "test_images": None, "rep_images": 1000, "lsb_samples": None},
+            "mobilenet_v2": {"io": "int8", "test_images": 2000, "rep_images": 200, "lsb_samples": 100}}
+SMOKE = {"train_steps": 2, "qat_steps": 2, "runs": 20, "rounds": 2, "warmup": 5, "test_images": 100,
+         "rep_images": 32, "lsb_samples": 10, "train_images": 1024}
 
 
 def quick_bbits_model(data, seed):
@@ -73,15 +101,22 @@ def convert_float(model):
     return tf.lite.TFLiteConverter.from_keras_model(model).convert()
 
 
-def convert_tfmot(model, x_train, y_train, steps, seed):
-    qat = tfmot.quantization.keras.quantize_model(model)
-    qat.compile(optimizer=keras.optimizers.Adam(1e-4),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+def fine_tune(model, x_train, y_train, steps, lr, seed, batch_size=64):
+    """Compiles ``model`` (Adam ``lr``, sparse cross-entropy on logits) and trains it ``steps`` steps."""
+    model.compile(optimizer=keras.optimizers.Adam(lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     if steps:
-        ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(len(x_train), seed=seed).batch(64)
-        qat.fit(ds.repeat(), steps_per_epoch=steps, epochs=1, verbose=0)
+        ds = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(len(x_train), seed=seed)
+        model.fit(ds.batch(batch_size).repeat(), steps_per_epoch=steps, epochs=1, verbose=0)
+    return model
+
+
+def convert_tfmot(model, x_train, y_train, steps, seed, io="float"):
+    qat = fine_tune(tfmot.quantization.keras.quantize_model(model), x_train, y_train, steps, QAT_LR, seed)
     converter = tf.lite.TFLiteConverter.from_keras_model(qat)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if io == "int8":
+        converter.inference_input_type = converter.inference_output_type = tf.int8
     return converter.convert()
 
 
@@ -127,41 +162,152 @@ def markdown(summary):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def lenet5_variants(args, data):
+    """The bbits LeNet5 (loaded or trained here) and its float model: ``(qmodel, float_model, origin)``."""
+    if args.bbits_model:
+        return load_bbits_model(args.bbits_model), None, {"source": os.path.abspath(args.bbits_model)}
+    qmodel, origin = quick_bbits_model(data, args.seed)
+    if args.save_bbits_model:
+        qmodel.save(args.save_bbits_model, include_optimizer=False)
+        origin["saved_to"] = args.save_bbits_model
+    return qmodel, None, origin
+
+
+def mobilenet_v2_variants(args, data):
+    """MobileNetV2 trained ``--train-steps`` float steps, and bbits_tf of it fine-tuned ``--qat-steps`` steps."""
+    (x_train, y_train), _ = data
+    start = time.time()
+    float_model = fine_tune(mobilenet_v2(args.seed), x_train, y_train, args.train_steps, 1e-3, args.seed)
+    qmodel = bbits_tf.quantize_model(float_model, mu=MU["mobilenet_v2"], fixed_weight_bits=args.fixed_weight_bits)
+    bbits_tf.initialize_ranges(qmodel, x_train)
+    fine_tune(qmodel, x_train, y_train, args.qat_steps, QAT_LR, args.seed)
+    origin = {"source": "trained here", "float_steps": args.train_steps, "qat_steps": args.qat_steps,
+              "batch_size": 64, "float_lr": 1e-3, "qat_lr": QAT_LR, "mu": MU["mobilenet_v2"],
+              "fixed_weight_bits": args.fixed_weight_bits, "train_images": len(x_train),
+              "wall_s": time.time() - start}
+    return qmodel, float_model, origin
+
+
+def load_data(args):
+    """MNIST in the model's input shape; the training set cut to what the steps read, the test set to
+    ``--test-images``."""
+    train_limit = SMOKE["train_images"] if args.smoke else None
+    if args.model == "mobilenet_v2":  # 32x32x3 float32 is 12 KB an image: keep only what training reads
+        train_limit = min(60_000, max(1024, 64 * max(args.train_steps, args.qat_steps)))
+    (x_train, y_train), (x_test, y_test) = data_lib.load_mnist(train_limit=train_limit)
+    x_test, y_test = x_test[: args.test_images], y_test[: args.test_images]
+    if args.model == "mobilenet_v2":
+        x_train, x_test = mnist_32x32x3(x_train), mnist_32x32x3(x_test)
+    return (x_train, y_train), (x_test, y_test)
+
+
+def export_variants(args, qmodel, float_model, data, errors):
+    """``(variants, reports, convert_s)``: the .tflite bytes by variant name, the bbits export reports and the
+    seconds each conversion took. A tfmot failure goes to ``errors`` instead of ``variants``."""
+    (x_train, y_train), (x_test, y_test) = data
+    if float_model is None:
+        float_model = te.plain_model(qmodel)  # LeNet5 with the bbits model's inference weights
+    variants, convert_s = {}, {}
+    start = time.time()
+    variants["float"] = convert_float(float_model)
+    convert_s["float"] = time.time() - start
+    start = time.time()
+    try:
+        variants["tfmot_int8"] = convert_tfmot(float_model, x_train, y_train, args.qat_steps, args.seed, args.io)
+        convert_s["tfmot_int8"] = time.time() - start  # QAT fine-tuning included
+    except Exception as error:  # pylint: disable=broad-except
+        errors["tfmot_int8"] = f"tfmot quantize_model / int8 conversion failed: {type(error).__name__}: {error}"
+        print(f"tfmot_int8: left out, {errors['tfmot_int8']}")
+    if args.model == "lenet5":
+        options = (("bbits", {}), ("bbits_int4_all", {"int4": True}), ("bbits_int2", {"int2": True}),
+                   ("bbits_int8w", {"int4": False}))
+    else:
+        options = (("bbits", {}),) + ((("bbits_int4_all", {"int4": True}),)
+                                      if args.fixed_weight_bits and args.fixed_weight_bits <= 4 else ())
+    lsb = {} if args.lsb_samples is None else {"lsb_samples": args.lsb_samples}
+    reports = {}
+    for name, option in options:
+        start = time.time()
+        reports[name] = te.export(qmodel, None, representative_data=x_train[: args.rep_images], io=args.io,
+                                  input_range=(0.0, 1.0), validation_data=(x_test, y_test), tflm=False,
+                                  **lsb, **option)
+        variants[name] = reports[name].model_bytes
+        convert_s[name] = time.time() - start  # verification included
+    return variants, reports, convert_s
+
+
+def ratios_of(results, reports):
+    """Size ratios bbits / tfmot_int8 and latency ratios tfmot_int8 / bbits (none without tfmot_int8)."""
+    ratios = {}
+    if "tfmot_int8" in results:
+        t = results["tfmot_int8"]
+        ratios.update({f"{name}_size_over_tfmot_int8": results[name]["file_bytes"] / t["file_bytes"]
+                       for name in reports})
+    ratios["float_size_over_bbits"] = results["float"]["file_bytes"] / results["bbits"]["file_bytes"]
+    if "tfmot_int8" in results:
+        for kernels in ("xnnpack", "builtin"):
+            for name in reports:
+                ratios[f"tfmot_int8_over_{name}_latency_{kernels}"] = (
+                    t[f"latency_{kernels}"]["median_us"] / results[name][f"latency_{kernels}"]["median_us"])
+    return ratios
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=MODELS, default="lenet5")
     parser.add_argument("--bbits-model", help="a trained bbits_tf LeNet5 (SavedModel dir or .h5); default: train "
                                               "one here (1 epoch)")
     parser.add_argument("--save-bbits-model", help="save the quickly trained model here (.h5)")
-    parser.add_argument("--qat-steps", type=int, default=100, help="tfmot QAT fine-tuning steps (batch 64)")
+    parser.add_argument("--train-steps", type=int, default=200,
+                        help="mobilenet_v2: float training steps (batch 64) before quantization")
+    parser.add_argument("--qat-steps", type=int, default=100,
+                        help="tfmot QAT fine-tuning steps (batch 64); for mobilenet_v2 the bbits model's too")
+    parser.add_argument("--fixed-weight-bits", type=int, help="mobilenet_v2: every weight at this bit width "
+                                                              "(bbits_tf.quantize_model(fixed_weight_bits=...))")
+    parser.add_argument("--io", choices=("float", "int8"), help="model input/output type of the bbits and tfmot "
+                                                               "files (default: float for lenet5, int8 for "
+                                                               "mobilenet_v2)")
+    parser.add_argument("--test-images", type=int, help="test images for accuracy and verification (default: "
+                                                        "10,000 for lenet5, 2,000 for mobilenet_v2)")
     parser.add_argument("--runs", type=int, default=1000, help="timed invokes per variant and kernel set")
     parser.add_argument("--rounds", type=int, default=10, help="round-robin rounds the runs are split into")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=os.path.join("benchmarks", "results", "export.json"))
+    parser.add_argument("--smoke", action="store_true",
+                        help="a quick check: few training steps and invokes, few test images, small training set "
+                             "(lenet5); default output *_smoke.json")
+    parser.add_argument("--output", help="default benchmarks/results/export.json (lenet5) or "
+                                         "export_<model>.json")
     args = parser.parse_args(argv)
+    if args.model != "lenet5" and (args.bbits_model or args.save_bbits_model):
+        parser.error(f"--bbits-model and --save-bbits-model are for LeNet5. Received: --model {args.model}")
+    if args.model == "lenet5" and args.fixed_weight_bits is not None:
+        parser.error("--fixed-weight-bits is for the model trained here (mobilenet_v2). Received: --model lenet5")
+    defaults = dict(DEFAULTS[args.model])
+    if args.smoke:
+        defaults.update(test_images=SMOKE["test_images"], rep_images=SMOKE["rep_images"],
+                        lsb_samples=SMOKE["lsb_samples"])
+        args.train_steps, args.qat_steps = SMOKE["train_steps"], SMOKE["qat_steps"]
+        args.runs, args.rounds, args.warmup = SMOKE["runs"], SMOKE["rounds"], SMOKE["warmup"]
+    args.io = args.io or defaults["io"]
+    args.test_images = args.test_images or defaults["test_images"]
+    args.rep_images, args.lsb_samples = defaults["rep_images"], defaults["lsb_samples"]
+    if args.output is None:
+        stem = "export" + ("" if args.model == "lenet5" else f"_{args.model}") + ("_smoke" if args.smoke else "")
+        args.output = os.path.join("benchmarks", "results", f"{stem}.json")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     start = time.time()
     keras.utils.set_random_seed(args.seed)
-    data = data_lib.load_mnist()
-    (x_train, y_train), (x_test, y_test) = data
-    if args.bbits_model:
-        qmodel, origin = load_bbits_model(args.bbits_model), {"source": os.path.abspath(args.bbits_model)}
-    else:
-        qmodel, origin = quick_bbits_model(data, args.seed)
-        if args.save_bbits_model:
-            qmodel.save(args.save_bbits_model, include_optimizer=False)
-            origin["saved_to"] = args.save_bbits_model
-    x_rep = x_train[:1000]
-
-    float_model = te.plain_model(qmodel)  # the same LeNet5 with the bbits model's inference weights
-    variants = {"float": convert_float(float_model),
-                "tfmot_int8": convert_tfmot(float_model, x_train, y_train, args.qat_steps, args.seed)}
-    reports = {}
-    for name, options in (("bbits", {}), ("bbits_int4_all", {"int4": True}), ("bbits_int2", {"int2": True}),
-                          ("bbits_int8w", {"int4": False})):
-        reports[name] = te.export(qmodel, None, representative_data=x_rep, io="float", input_range=(0.0, 1.0),
-                                  validation_data=(x_test, y_test), tflm=False, **options)
-        variants[name] = reports[name].model_bytes
+    data = load_data(args)
+    (x_train, _), (x_test, y_test) = data
+    build = lenet5_variants if args.model == "lenet5" else mobilenet_v2_variants
+    qmodel, float_model, origin = build(args, data)
+    errors = {}
+    variants, reports, convert_s = export_variants(args, qmodel, float_model, data, errors)
 
     keras_acc = float(np.mean(qmodel.predict(x_test, verbose=0, batch_size=500).argmax(-1) == y_test))
     lat = {d: latencies(variants, x_test, args.runs, args.rounds, args.warmup, d) for d in ("default", "none")}
@@ -170,23 +316,17 @@ def main(argv=None):
         out = te.run_litert(data_bytes, x_test)
         results[name] = {"file_bytes": len(data_bytes), "accuracy": float(np.mean(out.argmax(-1) == y_test)),
                          "latency_xnnpack": lat["default"][name], "latency_builtin": lat["none"][name],
-                         **weight_summary(data_bytes)}
+                         "convert_s": convert_s[name], **weight_summary(data_bytes)}
     for name, report in reports.items():
-        results[name]["export"] = te.bbits.jsonable({
+        results[name]["export"] = jsonable({
             "verification": report.to_dict()["verification"], "checks": report.checks,
             "learned_weight_bytes": report.learned_weight_bytes, "stored_weight_bytes": report.stored_weight_bytes,
             "stored_bias_bytes": report.stored_bias_bytes, "layers": report.to_dict()["bbits_layers"],
             "lsb_diffs": report.lsb_diffs, "problems": report.problems, "notes": report.notes})
-    t, b = results["tfmot_int8"], results["bbits"]
-    ratios = {f"{name}_size_over_tfmot_int8": results[name]["file_bytes"] / t["file_bytes"]
-              for name in reports}
-    ratios["float_size_over_bbits"] = results["float"]["file_bytes"] / b["file_bytes"]
-    for kernels in ("xnnpack", "builtin"):
-        for name in reports:
-            ratios[f"tfmot_int8_over_{name}_latency_{kernels}"] = (
-                t[f"latency_{kernels}"]["median_us"] / results[name][f"latency_{kernels}"]["median_us"])
+    ratios = ratios_of(results, reports)
+    title = {"lenet5": "LeNet5", "mobilenet_v2": "MobileNetV2 (alpha 0.35, 32x32x3)"}[args.model]
     summary = {
-        "benchmark": "LeNet5: float TFLite vs tfmot int8 vs bbits_tf (tflite_export.export)",
+        "benchmark": f"{title}: float TFLite vs tfmot int8 vs bbits_tf (tflite_export.export)",
         "model": origin, "bbits_keras_accuracy": keras_acc, "qat_steps": args.qat_steps,
         "runs": args.runs, "rounds": args.rounds, "warmup": args.warmup, "batch": 1, "threads": 1,
         "bbits_profile": [dataclass_row(r) for r in bbits_tf.summary(qmodel).layers],
@@ -194,6 +334,7 @@ def main(argv=None):
                     "python": platform.python_version(), "tensorflow": tf.__version__,
                     "litert": _version("ai-edge-litert")},
         "ratios": ratios, "variants": results, "wall_s": time.time() - start,
+        "model_name": args.model, "io": args.io, "test_images": len(x_test), "errors": errors, "smoke": args.smoke,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
@@ -202,6 +343,9 @@ def main(argv=None):
     print(reports["bbits"].format())
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
+    for name, error in errors.items():
+        print(f"{name}: {error}")
+    print(f"wrote {args.output}")
     return summary
 
 

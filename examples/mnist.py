@@ -522,6 +522,7 @@ def main(argv=None):
             "tensorflow": tf.__version__,
             "bbits_tf": bbits_tf.__version__,
             "machine": env["machine"],
+            "date": time.strftime("%Y-%m-%d", time.gmtime(start)),
             "environment": env,
         },
         "budget": None if budget is None else {

@@ -441,3 +441,22 @@ def test_depthwise_with_a_multiplier_follows_its_input_gates():
     x = np.random.default_rng(0).random((2, 8, 8, 2), dtype=np.float32)
     dw_out = keras.Model(q.inputs, q.get_layer("quant_dw").output)(x, training=False).numpy()
     assert np.all(dw_out[..., 2:4] == 0) and np.any(dw_out[..., [0, 1, 4, 5, 6, 7]] != 0)
+
+
+def test_keras_resnet50_quantizes_without_changes():
+    """tf_keras.applications.ResNet50 as it is: every BN folded, 6.25 % at initialisation, one gate vector per stage."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=10, classifier_activation=None)
+    q = bbits_tf.quantize_model(model)
+    kinds = _inner_types(q)
+    assert "BatchNormalization" not in kinds and kinds.count("FoldedBatchNorm") == 53 and kinds.count("Add") == 16
+    assert bbits_tf.summary(q).relative_bops == pytest.approx(6.25, rel=1e-12)
+    leaders = {}
+    for (name, role), (quantizer, _) in _quantizers(q).items():
+        if role == "weight" and quantizer.prune:
+            leaders.setdefault(quantizer.gates_from or name, []).append(name)
+    streams = {lead: sorted(names) for lead, names in leaders.items() if len(names) > 1}
+    # Each of the 4 stages: its projection shortcut (conv_block ..._0_conv) and every block's last 1x1 conv (_3_conv).
+    assert sorted(streams) == ["conv2_block1_0_conv", "conv3_block1_0_conv", "conv4_block1_0_conv", "conv5_block1_0_conv"]
+    assert [len(streams[s]) for s in sorted(streams)] == [1 + 3, 1 + 4, 1 + 6, 1 + 3]
+    assert all(n.endswith("_3_conv") for s in streams.values() for n in s if not n.endswith("block1_0_conv"))

@@ -342,20 +342,29 @@ def _mnist_32x32x3(x):
 @pytest.mark.slow  # about 5 minutes on 2 shared cores; test_mini_mobilenet_exports_on_learned_grids covers the path
 def test_mobilenet_v2_exports(mnist):
     (x_train, y_train), (x_test, _) = mnist
-    x, x_val = _mnist_32x32x3(x_train[:2048]), _mnist_32x32x3(x_test[:300])
+    x, x_val = _mnist_32x32x3(x_train[:2048]), _mnist_32x32x3(x_test[:1000])
     keras.utils.set_random_seed(0)
-    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
-                                          classifier_activation=None)
+    base = bbits_tf.models.mobilenet_v2()  # Keras' MobileNetV2, alpha 0.35, 32x32x3, BN momentum 0.9
     qmodel = bbits_tf.quantize_model(base, mu=0.01)
     _train(qmodel, x, y_train[:2048], steps=40)
+    # Shut a quarter of block_6_expand's channels (block_6_depthwise follows them) and 4 of the 16 channels of the
+    # residual stream of blocks 3-5 (block_3/4/5_project share them).
+    table = _quantizers(qmodel)
+    table[("block_6_expand", "weight")][1]["log_alpha_2"].assign(np.where(np.arange(96) % 4 == 0, -6.0, 6.0))
+    table[("block_3_project", "weight")][1]["log_alpha_2"].assign(np.where(np.arange(16) < 4, -6.0, 6.0))
     report = te.export(qmodel, None, representative_data=x[:200], validation_data=(x_val, None),
                        input_range=(0.0, 1.0), lsb_samples=50, io="int8", int4=False, batch_size=1)
     assert report.edgetpu["passed"], report.edgetpu["problems"]
+    in_file = _check_bops_match_the_file(qmodel, report)
+    assert [in_file[n][1:3] for n in ("block_6_expand", "block_6_depthwise", "block_6_project")] == [
+        (12, 72), (72, 72), (72, 24)]
+    assert [in_file[n][2] for n in ("block_3_project", "block_4_project", "block_5_project")] == [12, 12, 12]
+    assert [in_file[n][1] for n in ("block_4_expand", "block_5_expand", "block_6_expand")] == [12, 12, 12]
     counts = _op_counts(report.model_bytes)
     assert counts["CONV_2D"] + counts["DEPTHWISE_CONV_2D"] == 52 and counts["DEPTHWISE_CONV_2D"] == 17
     assert counts["ADD"] == 10 and counts["MEAN"] == 1 and counts["FULLY_CONNECTED"] == 1
     assert "MUL" not in counts and "PAD" not in counts
-    assert report.verification.n == 300 and report.verification.top1_agreement_on_grid >= 0.995
+    assert report.verification.n == 1000 and report.verification.top1_agreement_on_grid >= 0.995
     assert report.checks["lsb_local_within_1"], report.problems
 
 
