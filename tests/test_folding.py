@@ -506,3 +506,35 @@ def test_rejects_what_does_not_fold():
         FoldedBatchNorm.from_layers(mac, bn, weight_quantizer=BayesianBitsQuantizer(signed=False))
     with pytest.raises(TypeError, match="freeze_bn"):
         FoldedBatchNorm.from_layers(mac, bn, freeze_bn="yes")
+
+
+def test_recalibrate_batch_norm_uses_the_test_time_gates():
+    """The running statistics become those of the deterministic network on x: for the first unit, the mean and the
+    unbiased variance of conv(x, W) + b over all of x (NumPy), with the gates as inference uses them."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn1")(keras.layers.Conv2D(6, 3, name="c1")(inputs)))
+    h = keras.layers.BatchNormalization(name="bn2")(keras.layers.Conv2D(4, 3, name="c2")(h))
+    out = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(h)))
+    q = bbits_tf.quantize_model(keras.Model(inputs, out))
+    x = np.random.default_rng(0).normal(size=(40, 8, 8, 3)).astype(np.float32)
+    bbits_tf.initialize_ranges(q, x)
+    c1 = q.get_layer("quant_c1").layer
+    c2 = q.get_layer("quant_c2").layer
+    c2.moving_variance.assign(np.full(4, 50.0, np.float32))  # stale statistics
+    q_out = {w.layer.name: v for w, role, _, v in bbits_tf.bayesian_bits_quantizers(q) if role == "activation"}
+    q_out["c1"]["log_alpha"].assign([-6.0, -6.0, -6.0, -6.0])  # c1's output at 2 bits: c2's input changes
+    before = q(x, training=False).numpy()
+    assert folding.recalibrate_batch_norm(q, x, batch_size=16) == 2
+    y = tf.nn.convolution(x, c1.kernel).numpy() + c1.bias.numpy()
+    np.testing.assert_allclose(c1.moving_mean.numpy(), y.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(c1.moving_variance.numpy(), y.reshape(-1, 6).var(axis=0, ddof=1), rtol=1e-4)
+    assert np.all(c2.moving_variance.numpy() < 50.0)
+    assert c1._calibration is None and c2._calibration is None  # pylint: disable=protected-access
+    after = q(x, training=False).numpy()
+    assert np.all(np.isfinite(after)) and not np.allclose(after, before)
+    # Nothing to do for a model without folded BatchNorm; too few images is an error.
+    lenet = bbits_tf.quantize_model(bbits_tf.models.lenet5())
+    assert folding.recalibrate_batch_norm(lenet, np.zeros((4, 28, 28, 1), np.float32)) == 0
+    with pytest.raises(ValueError, match="at least 2 images"):
+        folding.recalibrate_batch_norm(q, x[:1])
