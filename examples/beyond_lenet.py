@@ -55,6 +55,9 @@ def main(argv=None):
             print(f"{name}: no {path} (run examples/beyond_lenet.sh)")
             continue
         r = json.loads(path.read_text())
+        if not r.get("complete"):
+            print(f"{name}: {path} is not complete (run still going, or interrupted: the same command resumes it)")
+            continue
         images = mnist_example.model_images(rng.random((16, 28, 28, 1)).astype(np.float32), name)
         t = r.get("tflite") or {}
         v = t.get("verification") or {}

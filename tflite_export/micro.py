@@ -1,7 +1,9 @@
 """Microcontrollers: the model as a C array, and a run in the TFLite Micro interpreter (from Python, on this CPU)."""
-import contextlib
 import os
 import re
+import subprocess
+import sys
+import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
@@ -47,37 +49,41 @@ def _runtime():
     return runtime
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """TFLM prints allocation failures to the C stderr; silence it while probing arena sizes."""
-    fd = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
-
-
 def tflm_interpreter(tflite_bytes: bytes, arena_size: Optional[int] = None):
     """A TFLM interpreter (``arena_size`` None: the runtime's default, 10x the model size)."""
     return _runtime().Interpreter.from_bytes(bytes(tflite_bytes), arena_size=arena_size)
 
 
-def tflm_arena_bytes(tflite_bytes: bytes, granularity: int = 64) -> int:
-    """The smallest tensor arena (to ``granularity`` bytes) in which TFLM allocates and invokes the model."""
-    def fits(size):
-        try:
-            interp = tflm_interpreter(tflite_bytes, size)
-            detail = interp.get_input_details(0)
-            interp.set_input(np.zeros(detail["shape"], detail["dtype"]), 0)
-            interp.invoke()
-            return True
-        except RuntimeError:
-            return False
+_PROBE = """
+import sys
+import numpy as np
+from tflite_micro.python.tflite_micro import runtime
+try:
+    interp = runtime.Interpreter.from_file(sys.argv[1], arena_size=int(sys.argv[2]))
+    detail = interp.get_input_details(0)
+    interp.set_input(np.zeros(detail["shape"], detail["dtype"]), 0)
+    interp.invoke()
+except RuntimeError:
+    sys.exit(1)
+"""
 
-    with _quiet_stderr():
+
+def tflm_arena_bytes(tflite_bytes: bytes, granularity: int = 64) -> int:
+    """The smallest tensor arena (to ``granularity`` bytes) in which TFLM allocates and invokes the model.
+
+    Each size is tried in a child process: TFLite Micro's Python runtime (0.dev20261023182759) crashes the process
+    (a segfault) for some arenas that are too small, instead of raising, e.g. for a MobileNetV2 at 60-70 KB
+    ("Failed to allocate tail memory"). A crash counts as "does not fit".
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.tflite")
+        with open(path, "wb") as f:
+            f.write(bytes(tflite_bytes))
+
+        def fits(size):
+            done = subprocess.run([sys.executable, "-c", _PROBE, path, str(size)], capture_output=True, check=False)
+            return done.returncode == 0
+
         hi = max(4096, len(tflite_bytes))
         while not fits(hi):
             hi *= 2
