@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import mnist as mnist_example  # noqa: E402  (MODELS, model_images)
 
-MODELS = ("vgg7", "resnet20", "mobilenet_v2")
+RUNS = ("vgg7", "resnet20", "resnet20-fixed-mu", "mobilenet_v2")  # run folders in --runs, in table order
 
 
 def tfmot_int8_bytes(model_name, images):
@@ -49,44 +49,51 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     rows = []
-    for name in MODELS:
-        path = Path(args.runs) / name / "results.json"
+    for run in RUNS:
+        path = Path(args.runs) / run / "results.json"
         if not path.exists():
-            print(f"{name}: no {path} (run examples/beyond_lenet.sh)")
+            print(f"{run}: no {path} (run examples/beyond_lenet.sh)")
             continue
         r = json.loads(path.read_text())
         if not r.get("complete"):
-            print(f"{name}: {path} is not complete (run still going, or interrupted: the same command resumes it)")
+            print(f"{run}: {path} is not complete (run still going, or interrupted: the same command resumes it)")
             continue
+        name = r.get("model", "lenet5")
         images = mnist_example.model_images(rng.random((16, 28, 28, 1)).astype(np.float32), name)
         t = r.get("tflite") or {}
         v = t.get("verification") or {}
         row = {
-            "model": name, "test_accuracy": r["test_accuracy"], "relative_bops": r["relative_bops"],
+            "run": run, "model": name, "test_accuracy": r["test_accuracy"], "relative_bops": r["relative_bops"],
             "train_images": r["settings"]["train_images"], "epochs": r["epochs"],
             "tflite_bytes": t.get("file_bytes"), "tfmot_int8_bytes": tfmot_int8_bytes(name, images),
             "agreement": v.get("top1_agreement"), "agreement_on_grid": v.get("top1_agreement_on_grid"),
             "accuracy_tflite": v.get("accuracy_tflite"), "edgetpu_passed": (t.get("edgetpu") or {}).get("passed"),
-            "export_checks_passed": t.get("passed"), "wall_time_s": r["wall_time_s"],
+            "export_checks_passed": t.get("passed"),
+            "failed_checks": sorted(k for k, ok in (t.get("checks") or {}).items() if not ok),
+            "accuracy_before_bn_recalibration": r["history"][-1].get("test_accuracy_before_bn_recalibration"),
+            "tflm_arena_bytes": t.get("tflm_arena_bytes"), "wall_time_s": r["wall_time_s"],
             "command": "python examples/" + r["settings"]["command_line"].split("examples/", 1)[-1],
             "machine": r["settings"]["machine"], "date": r["settings"].get("date"),
         }
         rows.append(row)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
-    print("| model | train images, epochs | test accuracy | relative BOPs | .tflite bytes | tfmot int8 bytes | ratio "
-          "| LiteRT agreement (on grid) | training time |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | train images, epochs | test accuracy (before BN recalibration) | relative BOPs | .tflite bytes "
+          "| tfmot int8 bytes | ratio | LiteRT agreement (on grid) | failed export checks | training time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         size = row["tflite_bytes"]
         ratio = f"{size / row['tfmot_int8_bytes']:.3f}" if size else "-"
         agree = "-" if row["agreement"] is None else (
             f"{100 * row['agreement']:.2f} % ({100 * (row['agreement_on_grid'] or row['agreement']):.2f} %)")
-        print(f"| {row['model']} | {row['train_images']:,}, {row['epochs']} | {100 * row['test_accuracy']:.2f} % | "
-              f"{row['relative_bops']:.3f} % | {size:,} | {row['tfmot_int8_bytes']:,} | {ratio} | {agree} | "
+        before = row["accuracy_before_bn_recalibration"]
+        before = "" if before is None else f" ({100 * before:.2f} %)"
+        failed = ", ".join(row["failed_checks"]) or "none"
+        print(f"| {row['run']} | {row['train_images']:,}, {row['epochs']} | {100 * row['test_accuracy']:.2f} %{before} | "
+              f"{row['relative_bops']:.3f} % | {size:,} | {row['tfmot_int8_bytes']:,} | {ratio} | {agree} | {failed} | "
               f"{row['wall_time_s'] / 60:.0f} min |")
     for row in rows:
-        print(f"- {row['model']}: `{row['command']}`")
+        print(f"- {row['run']}: `{row['command']}`")
     return rows
 
 

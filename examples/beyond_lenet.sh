@@ -6,11 +6,13 @@ cd "$(dirname "$0")/.."
 mkdir -p runs/beyond
 run() {
   name=$1; shift
-  python examples/mnist.py --model "$name" --output-dir "runs/beyond/$name" --verbose 2 --threads 1 --deterministic \
+  python examples/mnist.py --output-dir "runs/beyond/$name" --verbose 2 --threads 1 --deterministic \
     "$@" > "runs/beyond/$name.log" 2>&1
 }
-run mobilenet_v2 --epochs 3 --budget-bops 1.0 &
-run resnet20 --epochs 4 --train-limit 20000 --budget-bops 1.0 &
-run vgg7 --epochs 2 --train-limit 3000 --test-limit 2000 --budget-bops 1.0 &
+run mobilenet_v2 --model mobilenet_v2 --epochs 3 --budget-bops 1.0 &
+run resnet20 --model resnet20 --epochs 4 --train-limit 20000 --budget-bops 1.0 &
+run vgg7 --model vgg7 --epochs 2 --train-limit 3000 --test-limit 2000 --budget-bops 1.0 &
+wait
+run resnet20-fixed-mu --model resnet20 --epochs 4 --train-limit 20000 --budget-bops 0 &
 wait
 python examples/beyond_lenet.py
