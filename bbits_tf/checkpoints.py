@@ -79,7 +79,10 @@ def read_checkpoint(checkpoint_dir):
         return None
     paths = list(state.all_model_checkpoint_paths) or [state.model_checkpoint_path]
     for path in reversed(paths):
-        path = path if os.path.isabs(path) else os.path.join(checkpoint_dir, path)
+        # get_checkpoint_state already puts the folder in front of a relative path (a relative folder stays
+        # relative): join only a bare name, or a relative folder such as runs/x/checkpoint is doubled.
+        if not os.path.isabs(path) and not tf.io.gfile.exists(path + ".index"):
+            path = os.path.join(checkpoint_dir, os.path.basename(path))
         try:
             reader = tf.train.load_checkpoint(path)
             for name in reader.get_variable_to_shape_map():

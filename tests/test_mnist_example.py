@@ -107,11 +107,13 @@ def _interrupt_after_saves(monkeypatch, n):
 def test_an_interrupted_run_resumes_with_the_same_command(mnist_example, tmp_path, monkeypatch, capsys):
     from bbits_tf import training
 
-    output_dir = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    output_dir = Path("run")  # relative, as the default runs/mnist-bb-0 (a relative folder once broke the resume)
     _interrupt_after_saves(monkeypatch, 2)  # the float warm-up epoch and the first quantized epoch
     with pytest.raises(KeyboardInterrupt):
         mnist_example.main(_tiny_args(output_dir))
     monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     assert "2 of 3 epochs are checkpointed" in capsys.readouterr().err
     assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint", "progress.json"]
     assert json.loads((output_dir / "progress.json").read_text())["completed_epochs"] == 2
