@@ -331,7 +331,7 @@ def test_augmentation_maps_the_training_batches_only():
     assert not np.array_equal(train_x[0][np.argsort(train_y[0])], train_x[1][np.argsort(train_y[1])])
 
 
-@pytest.mark.slow
+# 44-70 s on the 2-core machine; not marked slow: the only test of examples/cifar10.py's main() end to end.
 def test_one_quantized_training_step_end_to_end(tmp_path):
     """main() on 8 training and 8 test images, one step of batch 8 (about 40-60 s on a 2-core CPU)."""
     folder = tmp_path / "cifar"

@@ -26,6 +26,13 @@ def _gate_parameters(model):
     return z2, bits
 
 
+def _gap_name(model):
+    """The name Keras gave MobileNetV2's global average pooling (``global_average_pooling2d_<n>`` after others)."""
+    (name,) = [graph.inner_layer(layer).name for layer in model.layers
+               if isinstance(graph.inner_layer(layer), L.GlobalAveragePooling2D)]
+    return name
+
+
 def _inner_types(model):
     return [type(graph.inner_layer(layer)).__name__ for layer in model.layers]
 
@@ -234,7 +241,7 @@ def test_mobilenet_v2_quantizers_gates_and_signs(mobilenet, qmobilenet):
     assert _gate_parameters(qmobilenet) == (channels, (53 + 63) * BIT_GATES)
     # ReLU6 outputs (and their average) are unsigned; the linear bottlenecks and the Adds of them are signed.
     assert not activations["Conv1"].signed and not activations["block_1_expand"].signed
-    assert not activations["block_1_depthwise"].signed and not activations["global_average_pooling2d"].signed
+    assert not activations["block_1_depthwise"].signed and not activations[_gap_name(mobilenet)].signed
     assert activations["block_1_project"].signed and activations["block_2_add"].signed
     depthwise, expand = q[("block_1_depthwise", "weight")], q[("block_1_expand", "weight")]
     assert depthwise[0].gates_from == "block_1_expand" and depthwise[1]["log_alpha_2"] is expand[1]["log_alpha_2"]
@@ -255,7 +262,7 @@ def test_mobilenet_v2_regularizer_weights_are_consumer_macs(mobilenet, qmobilene
         "block_2_add": macs["block_3_expand"],
         "block_4_add": macs["block_5_expand"],  # and block_5_add
         "Conv_1": 0,  # read by the average pooling only
-        "global_average_pooling2d": macs["predictions"],
+        _gap_name(mobilenet): macs["predictions"],
     }
     assert {k: activations[k].mac_weight for k in by_hand} == pytest.approx({k: v / top for k, v in by_hand.items()})
     # Every activation quantizer: the MACs of every MAC layer that reads its tensor in the quantized model.
@@ -273,9 +280,10 @@ def test_mobilenet_v2_runs_in_training_and_inference(qmobilenet):
     y = qmobilenet(x, training=False).numpy()
     assert y.shape == (4, 10) and np.all(np.isfinite(y))
     # The average pooling's output lies on its unsigned 8-bit grid.
-    gap = keras.Model(qmobilenet.inputs, qmobilenet.get_layer("quant_global_average_pooling2d").output)
+    name = _gap_name(qmobilenet)
+    gap = keras.Model(qmobilenet.inputs, qmobilenet.get_layer(f"quant_{name}").output)
     values = gap(x, training=False).numpy()
-    (_, variables), = [(q, v) for (name, role), (q, v) in _quantizers(qmobilenet).items() if name == "global_average_pooling2d"]
+    (_, variables), = [(q, v) for (n, role), (q, v) in _quantizers(qmobilenet).items() if n == name]
     step = float(variables["x_max"].numpy()) / 255
     np.testing.assert_allclose(values / step, np.round(values / step), atol=1e-3)
 

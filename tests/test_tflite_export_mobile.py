@@ -346,7 +346,9 @@ def test_mobilenet_v2_exports(mnist):
     keras.utils.set_random_seed(0)
     base = bbits_tf.models.mobilenet_v2()  # Keras' MobileNetV2, alpha 0.35, 32x32x3, BN momentum 0.9
     qmodel = bbits_tf.quantize_model(base, mu=0.01)
-    _train(qmodel, x, y_train[:2048], steps=40)
+    # The recipes' learning rate: at 3e-3 the classifier's weight range (max |W| about 0.07 at initialisation) fell
+    # to its 1e-8 floor within these 40 steps, and the export refused the collapsed grid (an open problem).
+    _train(qmodel, x, y_train[:2048], steps=40, lr=1e-3)
     # Shut a quarter of block_6_expand's channels (block_6_depthwise follows them) and 4 of the 16 channels of the
     # residual stream of blocks 3-5 (block_3/4/5_project share them).
     table = _quantizers(qmodel)

@@ -478,7 +478,8 @@ def keras_tuner_objective():
     return keras_tuner.Objective("val_accuracy", "max")
 
 
-@pytest.mark.slow  # three processes that each import TensorFlow: 64 s at load 6, over 90 s when busier (2 cores)
+# Three processes that each import TensorFlow: 64 s at load 6, over 90 s when busier (2 cores). Not marked slow: no
+# other test covers Keras Tuner's chief/worker mode, so it stays in the default run.
 def test_chief_and_two_workers_run_every_trial_once(tmp_path):
     port = str(_free_port())
     command = _sweep_command(tmp_path, "--trials", "4")
