@@ -168,6 +168,13 @@ def test_export_refuses_ranges_never_set(mnist):
         te.plans_from_bbits(qmodel)
     bbits_tf.initialize_ranges(qmodel, x)
     assert te.plans_from_bbits(qmodel)["conv1"].weight_bits == 8  # set from data: exportable
+    # A range that collapsed to the 1e-8 floor in training (seen at a high range learning rate): refused by name.
+    (fc2_vars,) = [v for w, role, _, v in bbits_tf.bayesian_bits_quantizers(qmodel)
+                   if w.layer.name == "fc2" and role == "weight"]
+    fc2_vars["x_max"].assign(1e-8)
+    with pytest.raises(ValueError, match=r"collapsed to the floor.*fc2 \(weight\): x_max=1e-08.*Received: "
+                                         r"layers=\['fc2'\]"):
+        te.plans_from_bbits(qmodel)
 
 
 def test_bbits_export_types_codes_and_kept_shapes(bbits_lenet):

@@ -57,20 +57,31 @@ def is_bbits_model(model) -> bool:
                for layer in layers)
 
 
+# A range at or below this (bbits_tf.ops.MIN_X_MAX is 1e-8) has collapsed in training: refused with the layer named.
+COLLAPSED_X_MAX = 1e-7
+
+
 def _quantizer_table(qmodel) -> Dict[str, Dict[str, tuple]]:
     """wrapper name -> {"weight": (quantizer, variables), "activation": (quantizer, variables)}.
 
     Raises ValueError when a quantizer's range was never set from data (its step sizes would come from the
-    placeholder ``x_max``, not from training).
+    placeholder ``x_max``, not from training) or collapsed to ``COLLAPSED_X_MAX`` or below.
     """
     from bbits_tf.quantize import bayesian_bits_quantizers  # pylint: disable=import-outside-toplevel
     table: Dict[str, Dict[str, tuple]] = {}
-    unset = []
+    unset, collapsed = [], []
     for wrapper, role, quantizer, variables in bayesian_bits_quantizers(qmodel):
         table.setdefault(wrapper.name, {})[role] = (quantizer, variables)
         flag = variables.get("range_initialized")
         if flag is not None and not float(np.asarray(flag)) > 0.5:
             unset.append(f"{wrapper.layer.name} ({role})")
+        elif float(np.asarray(variables["x_max"])) <= COLLAPSED_X_MAX:
+            collapsed.append(f"{wrapper.layer.name} ({role}): x_max={float(np.asarray(variables['x_max'])):.3g}")
+    if collapsed:
+        raise ValueError(f"The quantization range of {len(collapsed)} quantizer(s) collapsed to the floor during "
+                         f"training ({', '.join(collapsed)}): every value they quantize is 0 or nearly, and the file "
+                         f"could not hold their grid. Train with a lower range learning rate (the recipes use 1e-3). "
+                         f"Received: layers={list(dict.fromkeys(c.split(' ')[0] for c in collapsed))}")
     if unset:
         raise ValueError(f"The quantization ranges of {len(unset)} quantizer(s) were never set from data ("
                          f"{', '.join(unset)}): their grids are placeholders, not learned. Call "
