@@ -82,7 +82,10 @@ def register_loading_objects():
 def load_model(path, **kwargs):
     """Loads a saved bbits_tf model (``.h5``, ``.keras`` or SavedModel) with everything it needs in scope."""
     with quantize_scope():
-        return keras.models.load_model(path, **kwargs)
+        model = keras.models.load_model(path, **kwargs)
+    if isinstance(model, keras.Model):
+        bayesian_bits_quantizers(model)  # links tied pruning gates now (a plain load links them on the first call)
+    return model
 
 
 # Layer types that compute with weights but are not supported: left float, with this reason.

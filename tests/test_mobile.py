@@ -159,6 +159,9 @@ def test_folded_model_fits_one_step_and_reloads_identically(tmp_path):
         path = str(tmp_path / f"block{suffix}")
         q.save(path)
         loaded = bbits_tf.load_model(path)
+        c2 = graph.inner_layer(loaded.get_layer("quant_c2"))  # tied to the stem's gates, linked by load_model
+        assert c2.weight_quantizer_vars["log_alpha_2"] is graph.inner_layer(
+            loaded.get_layer("quant_stem")).weight_quantizer_vars["log_alpha_2"]
         np.testing.assert_array_equal(loaded.predict(x, verbose=0), want)
         assert _inner_types(loaded) == _inner_types(q)
         assert bbits_tf.summary(loaded).relative_bops == pytest.approx(bbits_tf.summary(q).relative_bops)
