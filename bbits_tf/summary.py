@@ -79,14 +79,17 @@ def format_summary(profile):
     """The profile as a text table."""
     name_w = max([16] + [len(r.name) + 1 for r in profile.layers])
     type_w = max([17] + [len(r.layer_type) + 2 for r in profile.layers])
+    # Number columns as wide as their largest entry (VGG7's layers have 10^8 MACs and 10^11 BOPs) plus two spaces.
+    macs_w = max([12] + [len(f"{r.macs:,}") + 2 for r in profile.layers])
+    bops_w = max([14] + [len(f"{r.bops:,.0f}") + 2 for r in profile.layers])
     header = (f"{'layer':<{name_w}}{'type':<{type_w}}{'w bits':>7}{'in bits':>8}{'out bits':>9}{'channels':>12}"
-              f"{'MACs':>12}{'BOPs':>14}")
+              f"{'MACs':>{macs_w}}{'BOPs':>{bops_w}}")
     lines = [header, "-" * len(header)]
     for r in profile.layers:
         out_bits = "float" if r.output_bits >= 32 else str(r.output_bits)
         lines.append(
             f"{r.name:<{name_w}}{r.layer_type:<{type_w}}{r.weight_bits:>7}{r.input_bits:>8}{out_bits:>9}"
-            f"{f'{r.kept_channels}/{r.total_channels}':>12}{r.macs:>12,}{r.bops:>14,.0f}"
+            f"{f'{r.kept_channels}/{r.total_channels}':>12}{r.macs:>{macs_w},}{r.bops:>{bops_w},.0f}"
         )
     lines.append("-" * len(header))
     lines.append(

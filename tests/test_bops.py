@@ -119,3 +119,12 @@ def test_one_counter_for_baselines_reproduces_the_spec_vgg7_table(weight, activa
     profile = training.fixed_bit_profile(models.vgg7(), weight, activation)  # bops.layer_bops(fixed_bits=...)
     assert round(profile.relative_bops, 3) == want
     assert profile.total_macs == 615_917_568
+
+
+def test_summary_columns_stay_apart_for_large_layers():
+    """VGG7's layers have up to 151M MACs and 10^10 BOPs: the number columns widen so that they never run together."""
+    text = bbits_tf.format_summary(bbits_tf.summary(bbits_tf.quantize_model(models.vgg7())))
+    row = next(line for line in text.splitlines() if line.startswith("conv2 "))
+    macs, bops = row.split()[-2:]
+    assert macs == "150,994,944" and bops == f"{150_994_944 * 64:,}"
+    assert len(row) == len(text.splitlines()[0])  # aligned with the header
