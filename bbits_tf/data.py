@@ -96,7 +96,7 @@ def load_mnist(data_dir=None, *, source="idx", train_limit=None, normalize=True)
     if source == "idx":
         x_train, y_train, x_test, y_test = _load_mnist_idx(MNIST_DIR if data_dir is None else Path(data_dir))
     else:
-        x_train, y_train, x_test, y_test = _load_mnist_tfds(data_dir)
+        x_train, y_train, x_test, y_test = _load_tfds("mnist", data_dir)
     if train_limit is not None:
         x_train, y_train = x_train[:train_limit], y_train[:train_limit]
     train = (_images(x_train, normalize), y_train.astype(np.int64))
@@ -223,11 +223,12 @@ def _load_mnist_idx(data_dir):
     return arrays["train"] + arrays["test"]
 
 
-def _load_mnist_tfds(data_dir):
+def _load_tfds(name, data_dir):
+    """``(x_train, y_train, x_test, y_test)`` of the tfds data set ``name`` ("mnist", "cifar10"), as NumPy."""
     import tensorflow_datasets as tfds  # lazy: heavy import, and only this path needs it
 
     train, test = tfds.as_numpy(
-        tfds.load("mnist", split=["train", "test"], batch_size=-1, as_supervised=True,
+        tfds.load(name, split=["train", "test"], batch_size=-1, as_supervised=True,
                   data_dir=None if data_dir is None else os.fspath(data_dir))
     )
     return train + test
@@ -289,7 +290,7 @@ def load_cifar10(data_dir=None, *, source="binary", train_limit=None, normalize=
     if source == "binary":
         x_train, y_train, x_test, y_test = _load_cifar10_binary(data_dir)
     else:
-        x_train, y_train, x_test, y_test = _load_cifar10_tfds(data_dir)
+        x_train, y_train, x_test, y_test = _load_tfds("cifar10", data_dir)
     if train_limit is not None:
         x_train, y_train = x_train[:train_limit], y_train[:train_limit]
     prepare = normalize_cifar10 if normalize else (lambda x: np.asarray(x, np.uint8))
@@ -384,13 +385,3 @@ def _load_cifar10_binary(data_dir):
             labels.append(y)
         arrays[split] = (np.concatenate(images), np.concatenate(labels))
     return arrays["train"] + arrays["test"]
-
-
-def _load_cifar10_tfds(data_dir):
-    import tensorflow_datasets as tfds  # lazy: heavy import, and only this path needs it
-
-    train, test = tfds.as_numpy(
-        tfds.load("cifar10", split=["train", "test"], batch_size=-1, as_supervised=True,
-                  data_dir=None if data_dir is None else os.fspath(data_dir))
-    )
-    return train + test

@@ -25,8 +25,6 @@ as well as the data order.
 """
 import argparse
 import os
-import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -246,64 +244,11 @@ def main(argv=None):
         print(f"\ninterrupted: {done} checkpointed in {checkpoint_dir}; the same command resumes the run",
               file=sys.stderr)
         raise
-    print(bbits_tf.format_summary(result.profile))
-    warmup = 0 if args.method == "float" else recipe.warmup_epochs
-
-    model_path = output_dir / "model.h5"
-    mnist.plot_bops_accuracy(result.history, output_dir / "bops_accuracy.png", warmup)
-    if result.bit_widths:
-        mnist.plot_bit_widths(result.bit_widths, output_dir / "bit_widths.png", warmup)
-    bbits_tf.plot_summary(result.profile, output_dir / "layers.png")
-    results = {
-        "dataset": "cifar10",
-        "test_accuracy": result.test_accuracy,
-        "relative_bops": result.profile.relative_bops,
-        "expected_relative_bops": result.profile.expected_relative_bops,
-        "method": args.method,
-        "model": args.model,
-        "layers": mnist.layer_rows(result.profile),
-        "total_macs": result.profile.total_macs,
-        "wall_time_s": result.wall_time_s,
-        "total_wall_time_s": time.time() - start,
-        "epochs": recipe.epochs,
-        "warmup_epochs": warmup,
-        "complete": False,  # True once the model (and the export) are written too
-        "resumed_at_epochs": result.resumed_at,
-        "settings": {
-            "command_line": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-            "args": vars(args),
-            "recipe_name": args.recipe,
-            "recipe": recipe.to_dict(),
-            "run_options": options,
-            "seed": args.seed,
-            "train_images": len(x_train),
-            "test_images": len(x_test),
+    return mnist.finish_run(
+        args, recipe, options, result, env, budget, data, start, output_dir, export_tflite, extra={"dataset": "cifar10"},
+        extra_settings={
             "augmentation": {"random_crop_padding": AUGMENT_PAD, "horizontal_flip": True} if args.augment else None,
-            "normalization": {"mean": data_lib.CIFAR10_MEAN, "std": data_lib.CIFAR10_STD},
-            "tensorflow": tf.__version__,
-            "bbits_tf": bbits_tf.__version__,
-            "machine": env["machine"],
-            "environment": env,
-        },
-        "budget": None if budget is None else {
-            "target_relative_bops": budget.target_relative_bops, "frozen_at_step": budget.frozen_at_step,
-            "restored_gates": budget.restored_gates, "final_mu": bbits_tf.get_mu(result.model)},
-        "model_path": str(model_path),
-        "tflite": None,
-        "history": result.history,
-        "bit_width_history": result.bit_widths,
-    }
-    mnist.write_results(results, output_dir)  # before anything that could fail can lose the run
-    result.model.save(model_path, include_optimizer=False)
-    if args.export:
-        results["tflite"] = export_tflite(result.model, output_dir, data)
-    results["complete"] = True
-    mnist.write_results(results, output_dir)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: results.json now says so
-    print(f"test accuracy {100 * result.test_accuracy:.2f}%, relative BOPs {result.profile.relative_bops:.3f}% "
-          f"(expected {result.profile.expected_relative_bops:.3f}%), {result.wall_time_s:.0f} s; "
-          f"results in {output_dir}")
-    return results
+            "normalization": {"mean": data_lib.CIFAR10_MEAN, "std": data_lib.CIFAR10_STD}})
 
 
 if __name__ == "__main__":

@@ -432,6 +432,74 @@ def clear_run_files(output_dir):
     return removed
 
 
+def finish_run(args, recipe, options, result, env, budget, data, start, output_dir, export_fn, extra_settings=None,
+               extra=None):
+    """After training: the profile, the plots, ``results.json`` (written before anything that could fail), the
+    model, the export (``export_fn(model, output_dir, data)`` with ``--export``), then ``results.json`` complete and
+    the checkpoint removed. ``extra_settings`` / ``extra`` add entries to ``results["settings"]`` / ``results``
+    (``examples/cifar10.py``: the data set, augmentation, normalisation). Returns the results."""
+    (x_train, _), (x_test, _) = data
+    checkpoint_dir = output_dir / CHECKPOINT_DIR
+    print(bbits_tf.format_summary(result.profile))
+    warmup = 0 if args.method == "float" else recipe.warmup_epochs
+
+    model_path = output_dir / "model.h5"
+    plot_bops_accuracy(result.history, output_dir / "bops_accuracy.png", warmup)
+    if result.bit_widths:
+        plot_bit_widths(result.bit_widths, output_dir / "bit_widths.png", warmup)
+    bbits_tf.plot_summary(result.profile, output_dir / "layers.png")
+    results = {
+        "test_accuracy": result.test_accuracy,
+        "relative_bops": result.profile.relative_bops,
+        "expected_relative_bops": result.profile.expected_relative_bops,
+        "method": args.method,
+        "model": args.model,
+        "layers": layer_rows(result.profile),
+        "total_macs": result.profile.total_macs,
+        "wall_time_s": result.wall_time_s,
+        "total_wall_time_s": time.time() - start,
+        "epochs": recipe.epochs,
+        "warmup_epochs": warmup,
+        "complete": False,  # True once the model (and the export) are written too
+        "resumed_at_epochs": result.resumed_at,
+        "settings": {
+            "command_line": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+            "args": vars(args),
+            "recipe_name": args.recipe,
+            "recipe": recipe.to_dict(),
+            "run_options": options,
+            "seed": args.seed,
+            "train_images": len(x_train),
+            "test_images": len(x_test),
+            "tensorflow": tf.__version__,
+            "bbits_tf": bbits_tf.__version__,
+            "machine": env["machine"],
+            "date": time.strftime("%Y-%m-%d", time.gmtime(start)),
+            "environment": env,
+            **(extra_settings or {}),
+        },
+        "budget": None if budget is None else {
+            "target_relative_bops": budget.target_relative_bops, "frozen_at_step": budget.frozen_at_step,
+            "restored_gates": budget.restored_gates, "final_mu": bbits_tf.get_mu(result.model)},
+        "model_path": str(model_path),
+        "tflite": None,
+        "history": result.history,
+        "bit_width_history": result.bit_widths,
+        **(extra or {}),
+    }
+    write_results(results, output_dir)  # before anything that could fail can lose the run
+    result.model.save(model_path, include_optimizer=False)
+    if args.export:
+        results["tflite"] = export_fn(result.model, output_dir, data)
+    results["complete"] = True
+    write_results(results, output_dir)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: results.json now says so
+    print(f"test accuracy {100 * result.test_accuracy:.2f}%, relative BOPs {result.profile.relative_bops:.3f}% "
+          f"(expected {result.profile.expected_relative_bops:.3f}%), {result.wall_time_s:.0f} s; "
+          f"results in {output_dir}")
+    return results
+
+
 def main(argv=None):
     start = time.time()
     args = parse_args(argv)
@@ -488,62 +556,7 @@ def main(argv=None):
         print(f"\ninterrupted: {done} checkpointed in {checkpoint_dir}; the same command resumes the run",
               file=sys.stderr)
         raise
-    print(bbits_tf.format_summary(result.profile))
-    warmup = 0 if args.method == "float" else recipe.warmup_epochs
-
-    model_path = output_dir / "model.h5"
-    plot_bops_accuracy(result.history, output_dir / "bops_accuracy.png", warmup)
-    if result.bit_widths:
-        plot_bit_widths(result.bit_widths, output_dir / "bit_widths.png", warmup)
-    bbits_tf.plot_summary(result.profile, output_dir / "layers.png")
-    results = {
-        "test_accuracy": result.test_accuracy,
-        "relative_bops": result.profile.relative_bops,
-        "expected_relative_bops": result.profile.expected_relative_bops,
-        "method": args.method,
-        "model": args.model,
-        "layers": layer_rows(result.profile),
-        "total_macs": result.profile.total_macs,
-        "wall_time_s": result.wall_time_s,
-        "total_wall_time_s": time.time() - start,
-        "epochs": recipe.epochs,
-        "warmup_epochs": warmup,
-        "complete": False,  # True once the model (and the export) are written too
-        "resumed_at_epochs": result.resumed_at,
-        "settings": {
-            "command_line": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-            "args": vars(args),
-            "recipe_name": args.recipe,
-            "recipe": recipe.to_dict(),
-            "run_options": options,
-            "seed": args.seed,
-            "train_images": len(x_train),
-            "test_images": len(x_test),
-            "tensorflow": tf.__version__,
-            "bbits_tf": bbits_tf.__version__,
-            "machine": env["machine"],
-            "date": time.strftime("%Y-%m-%d", time.gmtime(start)),
-            "environment": env,
-        },
-        "budget": None if budget is None else {
-            "target_relative_bops": budget.target_relative_bops, "frozen_at_step": budget.frozen_at_step,
-            "restored_gates": budget.restored_gates, "final_mu": bbits_tf.get_mu(result.model)},
-        "model_path": str(model_path),
-        "tflite": None,
-        "history": result.history,
-        "bit_width_history": result.bit_widths,
-    }
-    write_results(results, output_dir)  # before anything that could fail can lose the run
-    result.model.save(model_path, include_optimizer=False)
-    if args.export:
-        results["tflite"] = export_tflite(result.model, output_dir, data)
-    results["complete"] = True
-    write_results(results, output_dir)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: results.json now says so
-    print(f"test accuracy {100 * result.test_accuracy:.2f}%, relative BOPs {result.profile.relative_bops:.3f}% "
-          f"(expected {result.profile.expected_relative_bops:.3f}%), {result.wall_time_s:.0f} s; "
-          f"results in {output_dir}")
-    return results
+    return finish_run(args, recipe, options, result, env, budget, data, start, output_dir, export_tflite)
 
 
 if __name__ == "__main__":

@@ -538,3 +538,42 @@ def test_recalibrate_batch_norm_uses_the_test_time_gates():
     assert folding.recalibrate_batch_norm(lenet, np.zeros((4, 28, 28, 1), np.float32)) == 0
     with pytest.raises(ValueError, match="at least 2 images"):
         folding.recalibrate_batch_norm(q, x[:1])
+
+
+def tiny_bn_model():
+    """tiny_model with a BatchNormalization after the conv (folded by quantize_model)."""
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(4, 5, strides=3, use_bias=False, name="conv"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.ReLU(name="relu"),
+        keras.layers.MaxPooling2D(2, name="pool"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(10, name="fc"),
+    ], name="tiny_bn")
+
+
+def test_run_recalibrates_folded_batch_norm_with_the_test_time_gates(mnist):
+    from bbits_tf import training  # pylint: disable=import-outside-toplevel
+
+    (x_train, y_train), (x_test, y_test) = mnist
+    small_data = (x_train[:256], y_train[:256]), (x_test[:500], y_test[:500])
+    lines = []
+    recipe = training.Recipe(epochs=1, batch_size=32, lr_weights=1e-2)
+    result = training.run(tiny_bn_model, recipe, small_data, seed=0, verbose=0, print_fn=lines.append)
+    last = result.history[-1]
+    assert 0.0 <= last["test_accuracy_before_bn_recalibration"] <= 1.0
+    assert lines[-1].startswith("BatchNorm statistics recalibrated with the test-time gates on 256 training images")
+    conv = result.model.get_layer("quant_conv").layer
+    x = small_data[0][0]
+    y = tf.nn.convolution(x, conv.kernel, strides=3).numpy()  # the first unit: its statistics over x exactly
+    np.testing.assert_allclose(conv.moving_mean.numpy(), y.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    acc = result.model.evaluate(*small_data[1], verbose=0, return_dict=True)["accuracy"]
+    assert result.test_accuracy == last["test_accuracy"] == pytest.approx(acc)
+    # Without folded BatchNorm nothing is added.
+    def no_bn_model():
+        return keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(4, 5, strides=3, activation="relu"),
+                                 keras.layers.Flatten(), keras.layers.Dense(10)])
+
+    plain = training.run(no_bn_model, recipe, small_data, seed=0, verbose=0, print_fn=None)
+    assert "test_accuracy_before_bn_recalibration" not in plain.history[-1]

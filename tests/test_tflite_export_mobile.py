@@ -39,6 +39,18 @@ def _train(qmodel, x, y, steps, lr=3e-3):
     return qmodel
 
 
+def _trained_export(mnist, model, steps, lr=3e-3, bits=None):
+    """``(qmodel, report)``: ``model`` quantized (gates forced to ``bits``), trained ``steps`` on 14x14 MNIST, exported
+    with per-layer LSB histograms on 200 images."""
+    x, y, x_val, y_val = _small_mnist(mnist)
+    qmodel = bbits_tf.quantize_model(model, mu=0.01)
+    _force_bits(qmodel, bits or {})
+    _train(qmodel, x, y, steps=steps, lr=lr)
+    report = te.export(qmodel, None, representative_data=x[:200], validation_data=(x_val, y_val),
+                       input_range=(0.0, 1.0), lsb_samples=200)
+    return qmodel, report
+
+
 def _op_counts(model_bytes):
     counts = {}
     for op in flatbuffer.read(model_bytes).ops:
@@ -72,13 +84,7 @@ def conv_bn_net(seed=0):
 
 @pytest.fixture(scope="module")
 def folded_export(mnist):
-    x, y, x_val, y_val = _small_mnist(mnist)
-    qmodel = bbits_tf.quantize_model(conv_bn_net(), mu=0.01)
-    _force_bits(qmodel, {("c1", "weight"): 4})
-    _train(qmodel, x, y, steps=150, lr=1e-2)
-    report = te.export(qmodel, None, representative_data=x[:200], validation_data=(x_val, y_val),
-                       input_range=(0.0, 1.0), lsb_samples=200)
-    return qmodel, report
+    return _trained_export(mnist, conv_bn_net(), steps=150, lr=1e-2, bits={("c1", "weight"): 4})
 
 
 def test_folded_units_export_as_single_conv_ops(folded_export):
@@ -155,14 +161,9 @@ def resnet_block(seed=0):
 
 @pytest.fixture(scope="module")
 def resnet_export(mnist):
-    x, y, x_val, y_val = _small_mnist(mnist)
-    qmodel = bbits_tf.quantize_model(resnet_block(), mu=0.01)
     # a 4-bit c1 output read directly by c2, a 4-bit residual output
-    _force_bits(qmodel, {("c1", "activation"): 4, ("out_relu", "activation"): 4})
-    _train(qmodel, x, y, steps=80)
-    report = te.export(qmodel, None, representative_data=x[:200], validation_data=(x_val, y_val),
-                       input_range=(0.0, 1.0), lsb_samples=200)
-    return qmodel, report
+    return _trained_export(mnist, resnet_block(), steps=80,
+                           bits={("c1", "activation"): 4, ("out_relu", "activation"): 4})
 
 
 def test_resnet_block_add_and_gap_on_learned_grids(resnet_export):
@@ -287,12 +288,7 @@ def mini_mobilenet(seed=0):
 
 @pytest.fixture(scope="module")
 def mini_mobilenet_export(mnist):
-    x, y, x_val, y_val = _small_mnist(mnist)
-    qmodel = bbits_tf.quantize_model(mini_mobilenet(), mu=0.01)
-    _train(qmodel, x, y, steps=150, lr=1e-2)
-    report = te.export(qmodel, None, representative_data=x[:200], validation_data=(x_val, y_val),
-                       input_range=(0.0, 1.0), lsb_samples=200)
-    return qmodel, report
+    return _trained_export(mnist, mini_mobilenet(), steps=150, lr=1e-2)
 
 
 def test_mini_mobilenet_exports_on_learned_grids(mini_mobilenet_export):
