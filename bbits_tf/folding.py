@@ -110,11 +110,15 @@ def train_output(y_q, gamma, beta, batch_mean, batch_variance, running_variance,
     return y_q * correction + shift
 
 
-def inference_output(y_q, gamma, beta, running_mean, running_variance, eps, bias=None, channel_mask=None):
-    """``y_q + fold_bias(running stats)``; the bias term times ``channel_mask`` if given."""
+def inference_output(y_q, gamma, beta, running_mean, running_variance, eps, bias=None, channel_mask=None,
+                     on_grid=None):
+    """``y_q + fold_bias(running stats)``; the bias term times ``channel_mask`` if given, then ``on_grid(bias)``
+    (the exported int32 bias grid, ``BayesianBitsQuantizer.bias_on_grid``) if given."""
     shift = fold_bias(gamma, beta, running_mean, running_variance, eps, bias)
     if channel_mask is not None:
         shift = shift * channel_mask
+    if on_grid is not None:
+        shift = on_grid(shift)
     return y_q + shift
 
 
@@ -131,6 +135,33 @@ def mac(kind, x, kernel, strides=(1, 1), padding="valid", dilation_rate=(1, 1)):
             x, kernel, strides=(1, *strides, 1), padding=padding.upper(), dilations=dilation_rate
         )
     return tf.nn.convolution(x, kernel, strides=strides, padding=padding.upper(), dilations=dilation_rate)
+
+
+def mac_moments(kind, x, kernel, bias=None, strides=(1, 1), padding="valid", dilation_rate=(1, 1)):
+    """``batch_moments(mac(kind, x, kernel, ...) + bias)``, the batch statistics of a folded unit in training.
+
+    A pointwise layer (Dense, 1x1 Conv2D) with more outputs than inputs gets them from its input's moments
+    instead: ``mean = mean(x) W + b``, ``variance_c = w_c^T Cov(x) w_c`` (the biased covariance over the batch
+    positions; a strided 1x1 convolution reads every ``stride``-th position, no padding): the same values up to
+    float rounding, at ``n c_in^2`` multiply-adds instead of ``n c_in c_out`` (MobileNetV2's expansions have
+    ``c_out = 6 c_in``), forward and backward.
+    """
+    c_in, c_out = int(kernel.shape[-2]), int(kernel.shape[-1])
+    pointwise = kind == "Dense" or (kind == "Conv2D" and tuple(kernel.shape[:2]) == (1, 1))
+    if not pointwise or c_in >= c_out:
+        y = mac(kind, x, kernel, strides=strides, padding=padding, dilation_rate=dilation_rate)
+        return batch_moments(y if bias is None else y + bias)
+    if kind == "Conv2D" and tuple(strides) != (1, 1):
+        x = x[:, ::strides[0], ::strides[1], :]
+    flat = tf.reshape(x, [-1, c_in])
+    count = tf.cast(tf.shape(flat)[0], tf.float32)
+    x_mean = tf.reduce_mean(flat, 0)
+    centered = flat - x_mean
+    covariance = tf.matmul(centered, centered, transpose_a=True) / count
+    w = tf.reshape(kernel, [c_in, c_out])
+    mean = tf.linalg.matvec(w, x_mean, transpose_a=True)
+    variance = tf.maximum(tf.reduce_sum(w * tf.matmul(covariance, w), 0), 0.0)
+    return (mean if bias is None else mean + bias), variance, count
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,6 +401,13 @@ class FoldedBatchNorm(keras.layers.Layer):
             return out[0], out[1]
         return out, None
 
+    def _bias_on_grid(self):
+        """The weight quantizer's ``bias_on_grid`` for this layer's inference bias, or ``None``."""
+        q = self.weight_quantizer
+        if not isinstance(q, BayesianBitsQuantizer):
+            return None
+        return lambda shift: q.bias_on_grid(shift, self._quantizer_vars)
+
     def _mac(self, x, kernel):
         m = self._mac_template
         if self.mac_kind == "Dense":
@@ -388,10 +426,10 @@ class FoldedBatchNorm(keras.layers.Layer):
         y_q = self._mac(x, kernel_q)
         stats = self._calibration
         if stats is not None or (training and self.trainable and not self.freeze_bn):
-            y = self._mac(x, kernel)
-            if bias is not None:
-                y = y + bias
-            mean, variance, count = batch_moments(y)
+            m = self._mac_template
+            conv = {} if self.mac_kind == "Dense" else dict(strides=m.strides, padding=m.padding,
+                                                             dilation_rate=m.dilation_rate)
+            mean, variance, count = mac_moments(self.mac_kind, x, kernel, bias, **conv)
             out = train_output(y_q, gamma, beta, mean, variance, running_variance, self.epsilon, bias, mask)
         if stats is not None:  # recalibrate_batch_norm: batch statistics, test-time gates, no update
             stats["count"] += float(count)
@@ -404,7 +442,8 @@ class FoldedBatchNorm(keras.layers.Layer):
             self.moving_mean.assign(new_mean)
             self.moving_variance.assign(new_variance)
         else:
-            out = inference_output(y_q, gamma, beta, running_mean, running_variance, self.epsilon, bias, mask)
+            out = inference_output(y_q, gamma, beta, running_mean, running_variance, self.epsilon, bias, mask,
+                                   self._bias_on_grid())
         return tf.cast(self.activation(out), self.compute_dtype)
 
     def call(self, inputs, training=None):
@@ -441,14 +480,16 @@ class FoldedBatchNorm(keras.layers.Layer):
 
     def folded_bias(self):
         """The inference bias ``beta + gamma * (b - mu_running) / sigma_running``, flat (NumPy); with a masked bias
-        (``prune`` and ``mask_bias``) pruned channels are 0. It is never quantized."""
+        (``prune`` and ``mask_bias``) pruned channels are 0; on the exported int32 bias grid when the layer's input
+        quantizer is linked (``BayesianBitsQuantizer.bias_on_grid``): what the layer adds in inference."""
         gamma, beta = self._gamma_beta()
         bias = fold_bias(gamma, beta, tf.convert_to_tensor(self.moving_mean),
                          tf.convert_to_tensor(self.moving_variance), self.epsilon,
-                         tf.convert_to_tensor(self.bias) if self.use_bias else None).numpy()
+                         tf.convert_to_tensor(self.bias) if self.use_bias else None)
         if self._masks_bias():
             bias = bias * self.channel_mask()
-        return bias
+        on_grid = self._bias_on_grid()
+        return np.asarray(bias if on_grid is None else on_grid(bias))
 
     def get_config(self):
         config = super().get_config()

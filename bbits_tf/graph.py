@@ -177,6 +177,29 @@ def consumers(model, layer):
     return found
 
 
+def grid_source(layer, model=None):
+    """The layer whose output quantizer puts ``layer``'s input on its grid: the producer of that input, through
+    pass-through layers, if it is a ``QuantizeWrapper`` with an output quantizer. ``None`` when the input is the
+    model input, a float tensor, a merge of several tensors, or when a layer on the way is called more than once.
+    Without ``model`` each layer's first call node is followed (the model it was built in: a layer being called,
+    ``bbits_tf.quantizers``, perhaps inside a larger model that calls the quantized one)."""
+    def sources(current):
+        if model is not None:
+            return inbound_layers(model, current) if call_count(model, current) == 1 else []
+        nodes = current._inbound_nodes  # pylint: disable=protected-access
+        return tf.nest.flatten(nodes[0].inbound_layers) if nodes else []
+
+    found = sources(layer)
+    while len(found) == 1:
+        (source,) = found
+        if getattr(source, "_output_quantizers", None):
+            return source
+        if not is_passthrough(source):
+            return None
+        found = sources(source)
+    return None
+
+
 def quantizable_consumers(model, layer):
     """MAC layers that read ``layer``'s output, following pass-through layers."""
     return [c for c in consumers(model, layer) if is_mac(c)]

@@ -104,6 +104,22 @@ def step_sizes(x_max, signed, bit_widths):
     return steps
 
 
+def int8_refinement(bits):
+    """The power of two ``f`` by which a signed b-bit grid can be made finer and still fit int8: the largest
+    ``f = 2^j`` with ``(2^(b-1) - 1) f <= 127`` (2 bits: 64, 4 bits: 16, 8 bits and more: 1).
+
+    ``tflite_export`` stores <= 4-bit weights as INT8 codes ``k f`` at scale ``s_w / f``, which makes the int32
+    bias grid ``s_in s_w / f``; the model computes its inference bias on that grid
+    (``BayesianBitsQuantizer.bias_on_grid``). Powers of two, so that a grid refined further (a refined input
+    scale, ``tflite_export``) still holds the model's bias exactly.
+    """
+    top = 2 ** (int(bits) - 1) - 1
+    factor = 1
+    while top * factor * 2 <= 127:
+        factor *= 2
+    return factor
+
+
 def residual_levels(x_c, steps, round_fn=round_ste):
     """The base term and the residual terms ``[x_b0, e_b1, e_b2, ...]`` of an already clipped tensor."""
     levels = []

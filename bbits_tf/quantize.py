@@ -9,7 +9,7 @@ from bbits_tf._keras import keras, tfmot
 from bbits_tf.folding import FoldedBatchNorm
 from bbits_tf.gates import DEFAULT_INIT_LOG_ALPHA, get_gate_kind
 from bbits_tf.ops import validate_bit_widths
-from bbits_tf.quantizers import BayesianBitsQuantizer
+from bbits_tf.quantizers import BayesianBitsQuantizer, output_quantizer
 from bbits_tf.scheme import BayesianBitsQuantizeScheme
 
 logger = logging.getLogger("bbits_tf")
@@ -84,7 +84,7 @@ def load_model(path, **kwargs):
     with quantize_scope():
         model = keras.models.load_model(path, **kwargs)
     if isinstance(model, keras.Model):
-        bayesian_bits_quantizers(model)  # links tied pruning gates now (a plain load links them on the first call)
+        bayesian_bits_quantizers(model)  # links tied gates and input grids now (a plain load: on the first call)
     return model
 
 
@@ -297,7 +297,7 @@ def quantize_model(
     )
     quantized.bbits_report = report
     logger.info(report.format())
-    bayesian_bits_quantizers(quantized)  # links tied pruning gates
+    bayesian_bits_quantizers(quantized)  # links tied pruning gates and each kernel quantizer to its input grid
     return quantized
 
 
@@ -344,7 +344,16 @@ def bayesian_bits_quantizers(model):
         for quantizer in layer._output_quantizers:  # pylint: disable=protected-access
             found.append((layer, "activation", quantizer, layer._output_quantizer_vars))  # pylint: disable=protected-access
     _link_tied_gates(found)
+    _link_input_quantizers(model, found)
     return found
+
+
+def _link_input_quantizers(model, found):
+    """Gives every weight quantizer the activation quantizer that produces its layer's input (``bias_on_grid``)."""
+    for wrapper, role, quantizer, _ in found:
+        if role == "weight" and quantizer.input_quantizer is None:
+            source = graph.grid_source(wrapper, model)
+            quantizer.input_quantizer = None if source is None else output_quantizer(source)
 
 
 def _link_tied_gates(found):

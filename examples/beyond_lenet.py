@@ -74,6 +74,8 @@ def main(argv=None):
             "tflm_arena_bytes": t.get("tflm_arena_bytes"), "wall_time_s": r["wall_time_s"],
             "command": "python examples/" + r["settings"]["command_line"].split("examples/", 1)[-1],
             "machine": r["settings"]["machine"], "date": r["settings"].get("date"),
+            # examples/reexport.py: evaluated and exported again with later inference / export code
+            "reexported": (r.get("reexported") or {}).get("date"),
         }
         rows.append(row)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,9 @@ def main(argv=None):
               f"{row['relative_bops']:.3f} % | {size:,} | {row['tfmot_int8_bytes']:,} | {ratio} | {agree} | {failed} | "
               f"{row['wall_time_s'] / 60:.0f} min |")
     for row in rows:
-        print(f"- {row['run']}: `{row['command']}`")
+        again = f" (evaluated and exported again on {row['reexported']}: `python examples/reexport.py " \
+                f"runs/beyond/{row['run']}`)" if row["reexported"] else ""
+        print(f"- {row['run']}: `{row['command']}`{again}")
     return rows
 
 

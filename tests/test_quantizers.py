@@ -65,3 +65,65 @@ def test_quantizer_math_runs_in_float32_under_mixed_precision():
         assert variables["x_max"].dtype == tf.float32
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+# ------------------------------------------------------------------------ inference bias on the int32 grid
+
+LOG_ALPHA = {2: (-6.0, -6.0, -6.0, -6.0), 4: (6.0, -6.0, -6.0, -6.0), 8: (6.0, 6.0, -6.0, -6.0)}
+
+
+def _two_conv_model():
+    """c1 (ReLU) -> max pool -> c2 (bias) -> Flatten -> d; c1 -> pool -> c2 is read through a pass-through layer."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="c1")(inputs)
+    h = keras.layers.Conv2D(5, 2, activation="relu", name="c2")(keras.layers.MaxPooling2D(name="pool")(h))
+    outputs = keras.layers.Dense(3, name="d")(keras.layers.Flatten(name="flat")(h))
+    return keras.Model(inputs, outputs)
+
+
+def _bias_model(c1_act_bits, c2_weight_bits):
+    qmodel = bbits_tf.quantize_model(_two_conv_model())
+    x = np.random.default_rng(1).random((16, 8, 8, 1), dtype=np.float32)
+    bbits_tf.initialize_ranges(qmodel, x)
+    table = {(w.layer.name, role): (q, v) for w, role, q, v in bbits_tf.bayesian_bits_quantizers(qmodel)}
+    table[("c1", "activation")][1]["log_alpha"].assign(LOG_ALPHA[c1_act_bits])
+    table[("c2", "weight")][1]["log_alpha"].assign(LOG_ALPHA[c2_weight_bits])
+    bias = np.random.default_rng(2).normal(0.0, 0.3, 5).astype(np.float32)
+    next(v for v in qmodel.get_layer("quant_c2").weights if v.name.endswith("/bias:0")).assign(bias)
+    return qmodel, table, bias, x
+
+
+@pytest.mark.parametrize("act_bits, weight_bits, refinement", [(2, 2, 64), (4, 4, 16), (2, 8, 1)])
+def test_inference_bias_is_on_the_exported_int32_grid(act_bits, weight_bits, refinement):
+    qmodel, table, bias, _ = _bias_model(act_bits, weight_bits)
+    (q_in, v_in), (q_w, v_w) = table[("c1", "activation")], table[("c2", "weight")]
+    assert q_w.input_quantizer[0] is q_in  # linked through the max pool by quantize_model
+    assert bbits_tf.ops.int8_refinement(weight_bits) == refinement
+    grid = q_in.step_size(v_in) * q_w.step_size(v_w) / refinement  # NumPy: s_in * s_w / f
+    expected = np.round(bias.astype(np.float64) / grid) * grid
+    kernel = qmodel.get_layer("quant_c2").weights[0]
+    _, inference_bias = q_w(kernel, False, v_w)
+    np.testing.assert_allclose(inference_bias.numpy(), expected, rtol=1e-5, atol=1e-7 * grid)
+    assert np.abs(inference_bias.numpy() - bias).max() > 1e-3 * grid  # it really moved
+    assert np.abs(inference_bias.numpy() - bias).max() <= 0.5 * grid * (1 + 1e-5)
+    _, training_bias = q_w(kernel, True, v_w)  # training keeps the float bias
+    np.testing.assert_array_equal(training_bias.numpy(), bias)
+    # c1 reads the model input (no quantizer): its bias stays float
+    q1, v1 = table[("c1", "weight")]
+    assert q1.input_quantizer is None
+    b1 = next(v for v in qmodel.get_layer("quant_c1").weights if v.name.endswith("/bias:0")).numpy()
+    np.testing.assert_array_equal(q1(qmodel.get_layer("quant_c1").weights[0], False, v1)[1].numpy(), b1)
+
+
+def test_plain_keras_load_finds_the_input_grid_on_the_first_call(tmp_path):
+    qmodel, table, _, x = _bias_model(2, 2)
+    path = str(tmp_path / "m.h5")
+    qmodel.save(path)
+    with bbits_tf.quantize_scope():
+        loaded = keras.models.load_model(path, compile=False)
+    q_w = loaded.get_layer("quant_c2")._weight_vars[0][1]  # pylint: disable=protected-access
+    assert q_w.input_quantizer is None  # not linked by a plain load ...
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
+    assert q_w.input_quantizer is not None  # ... found in the Keras graph on the first call
+    assert q_w.input_quantizer[0] is loaded.get_layer("quant_c1")._output_quantizers[0]  # pylint: disable=protected-access

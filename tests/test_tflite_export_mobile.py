@@ -191,7 +191,11 @@ def test_resnet_block_add_and_gap_on_learned_grids(resnet_export):
 
 def test_resnet_block_export_agrees_with_the_bbits_model(resnet_export):
     _, report = resnet_export
-    assert report.verification.top1_agreement_on_grid >= 0.995
+    # The int32 biases are the model's inference biases (BayesianBitsQuantizer.bias_on_grid); the stem reads the
+    # model input, which has no quantizer: its float bias is rounded by the file, and the report notes it.
+    assert report.checks["biases_as_model"], report.problems
+    assert max(report.bias_offsets[n] for n in ("c1", "c2", "c3", "head")) <= 1e-3, report.bias_offsets
+    assert report.verification.top1_agreement_on_grid >= 0.999  # (barely trained: many logits tie on the grid)
     assert report.checks["lsb_local_within_1"], report.problems
     assert set(report.lsb_diffs["xnnpack"]) == {"stem", "c1", "c2", "c3", "head"}
 

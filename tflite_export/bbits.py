@@ -26,6 +26,7 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 
 from bbits_tf import configs
+from bbits_tf.ops import int8_refinement
 from bbits_tf._keras import keras, tfmot
 
 from .edgetpu import edgetpu_check
@@ -33,8 +34,8 @@ from .export import OUTPUT_GRID_LAYERS, ExportReport, check_path, export_plans, 
 from .micro import tflm_check, write_c_arrays
 from .prune import PRODUCERS, graph_nodes
 from .plan import WEIGHT_BITS, LayerPlan, signed_levels
-from .report import BbitsExportReport, layer_rows, to_int2, wide_layers
-from .verify import LayerRef, lsb_check, lsb_histograms, run_litert_any_batch, static_batch, verify
+from .report import BbitsExportReport, bias_check, layer_rows, off_grid_weights, to_int2, wide_layers
+from .verify import LayerRef, bias_offsets, lsb_check, lsb_histograms, run_litert_any_batch, static_batch, verify
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
 _PREDICT_BATCH = 256
@@ -352,13 +353,13 @@ def _int8_storage(plan: LayerPlan, refine: bool = True) -> LayerPlan:
     """The plan with <= 4-bit weights stored as INT8 on a finer grid that holds the learned one exactly.
 
     The learned codes ``k`` (``|k| <= n = 2^(b-1) - 1``) are stored as ``k * m`` with scale ``step / m``,
-    ``m = 127 // n`` (2 bits: 127, 4 bits: 18): the same weights, but the int32 bias grid (input scale x weight
-    scale) and the requantization multiplier are m times finer, so the file's rounding agrees with the Keras
-    model's float arithmetic more often (see README, "Agreement with the Keras model"). ``refine=False`` keeps
+    ``m = bbits_tf.ops.int8_refinement(b)`` (2 bits: 64, 4 bits: 16): the same weights, but the int32 bias grid
+    (input scale x weight scale) is m times finer: the grid the Bayesian Bits model puts its inference bias on
+    (``BayesianBitsQuantizer.bias_on_grid``), so the file holds the model's bias exactly. ``refine=False`` keeps
     ``m = 1`` (codes ``k``, scale ``step``), what ``pack_int2`` turns into INT2 without moving the bias.
     """
     if plan.weight_bits < 8:
-        m = signed_levels(8) // signed_levels(plan.weight_bits) if refine else 1
+        m = int8_refinement(plan.weight_bits) if refine else 1
         return dataclasses.replace(plan, weight_bits=8, weight_step=plan.weight_step / m)
     return plan
 
@@ -482,13 +483,18 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
     checks = {"grids": True,  # export raises when a weight or activation is off its planned grid
               "types_and_distinct_codes": not any("distinct" in p or "stored as" in p for p in problems),
               "kept_channels": not any("output channels" in p for p in problems)}
-    off_grid = _off_grid_weights(plain, plans)
+    off_grid = off_grid_weights(plain, plans)
     checks["weights_as_model"] = not off_grid
     for name, count in off_grid.items():
         problems.append(f"{name}: {count} kernel entries of the bbits model are off its {plans[name].weight_bits}-bit "
                         f"grid (|code| > {signed_levels(plans[name].weight_bits)} or between levels; e.g. code 128 "
                         f"from float32 rounding at the top of bbits_tf.ops.quantize's clip); the file holds them "
                         f"rounded and clipped to the grid")
+    report.bias_offsets = bias_offsets(base.model_bytes, plain, base.prune.channel_maps)
+    in_bits = {n: (None if q.input_quantizer is None else q.input_quantizer[0].bit_width(q.input_quantizer[1]))
+               for n, q in ((w.layer.name, e["weight"][0]) for w in qmodel.layers
+                            for e in [_quantizer_table(qmodel).get(w.name, {})] if "weight" in e)}
+    checks["biases_as_model"] = bias_check(report, plans, in_bits, int4 | int2, problems)
 
     x_val, y_val = validation_data if validation_data is not None else (x_rep, None)
     x_val = np.asarray(x_val, np.float32)
@@ -540,22 +546,6 @@ def _layer_refs(qmodel, channel_maps, plans) -> Dict[str, LayerRef]:
         refs[n] = LayerRef(wrappers[n], channel_maps[n]["out_keep"], channel_maps[n]["in_keep"],
                            channel_maps[n]["in_const"], pad)
     return refs
-
-
-def _off_grid_weights(plain, plans) -> Dict[str, int]:
-    """Per layer, how many kernel entries of the bbits model in inference lie off the learned b-bit grid
-    (beyond its top code ``2^(b-1) - 1`` or between levels): the file holds them rounded and clipped."""
-    out = {}
-    for name, plan in plans.items():
-        if not plan.weight_exact:
-            continue
-        kernel = plain.get_layer(name).get_weights()[0].astype(np.float64)
-        codes = kernel / plan.weight_step
-        n = signed_levels(plan.weight_bits)
-        bad = int(np.sum((np.abs(np.round(codes)) > n) | (np.abs(codes - np.round(codes)) > 1e-3)))
-        if bad:
-            out[name] = bad
-    return out
 
 
 _PLANS_OPTIONS = ("representative_data", "io", "input_range", "output_ranges", "refine_inputs", "output_grids")

@@ -7,7 +7,7 @@ import numpy as np
 from . import flatbuffer
 from .export import ExportReport
 from .int2 import pack_int2
-from .plan import LayerPlan
+from .plan import LayerPlan, signed_levels
 from .verify import VerifyReport
 
 
@@ -62,6 +62,8 @@ class BbitsExportReport(ExportReport):
         problems: why a check failed (empty when all passed).
         int4: the layers whose weights are stored as INT4 (the others' <= 4-bit grids sit in INT8, e.g. for the Edge
             TPU).
+        bias_offsets: per layer, the largest |file int32 bias - model inference bias| in output steps
+            (``verify.bias_offsets``); ~0 where the file holds the model's bias grid.
         lsb_diffs: ``{kernel kind: {layer: {"local": {d: count}, "end_to_end": {d: count}}}}``: histograms of the
             file's output code minus the bbits model's value on the same grid, per element of each layer's output,
             with LiteRT's default delegate ("xnnpack"; ops it does not take run on the builtin kernels) and with
@@ -82,6 +84,7 @@ class BbitsExportReport(ExportReport):
     problems: List[str] = dataclasses.field(default_factory=list)
     int4: List[str] = dataclasses.field(default_factory=list)
     lsb_diffs: Dict[str, Dict[str, Dict[str, Dict[int, int]]]] = dataclasses.field(default_factory=dict)
+    bias_offsets: Dict[str, float] = dataclasses.field(default_factory=dict)
     edgetpu: Optional[dict] = None  # tflite_export.edgetpu.edgetpu_check(file).to_dict(): Coral's static rules
 
     @property
@@ -280,3 +283,46 @@ def jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def off_grid_weights(plain, plans) -> Dict[str, int]:
+    """Per layer, how many kernel entries of the bbits model in inference lie off the learned b-bit grid
+    (beyond its top code ``2^(b-1) - 1`` or between levels): the file holds them rounded and clipped."""
+    out = {}
+    for name, plan in plans.items():
+        if not plan.weight_exact:
+            continue
+        kernel = plain.get_layer(name).get_weights()[0].astype(np.float64)
+        codes = kernel / plan.weight_step
+        n = signed_levels(plan.weight_bits)
+        bad = int(np.sum((np.abs(np.round(codes)) > n) | (np.abs(codes - np.round(codes)) > 1e-3)))
+        if bad:
+            out[name] = bad
+    return out
+
+
+# Largest |file bias - model bias| (output steps) that counts as the same bias: float32 rounding of the scales.
+BIAS_TOLERANCE = 1e-3
+
+
+def bias_check(report, plans, input_bits, packed, problems) -> bool:
+    """Whether every layer whose int32 bias grid can hold the model's bias does (``report.bias_offsets`` within
+    ``BIAS_TOLERANCE``); the others get a note saying why their grid is coarser: INT4 / INT2 weights (``packed``)
+    at their learned scale, 16- or 32-bit weights or inputs carried at 8 bits, or the model input (no quantizer:
+    the model keeps its float bias). ``input_bits``: layer -> bits of its input quantizer (None: none)."""
+    ok = True
+    for name, offset in sorted(report.bias_offsets.items()):
+        if offset <= BIAS_TOLERANCE:
+            continue
+        bits = input_bits.get(name)
+        why = ("INT4 / INT2 weights at their learned scale" if name in packed else
+               f"{plans[name].weight_bits}-bit weights carried at 8 bits" if not plans[name].weight_exact else
+               "its input is the model input, which has no quantizer" if bits is None else
+               f"its {bits}-bit input carried at 8 bits" if bits > 8 else None)
+        if why is None:
+            ok = False
+            problems.append(f"{name}: the file's int32 bias is up to {offset:.3g} output steps off the bias the model "
+                            f"adds in inference")
+        else:
+            report.notes.append(f"{name}: int32 bias up to {offset:.3g} output steps off the model's ({why})")
+    return ok

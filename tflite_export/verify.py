@@ -181,6 +181,33 @@ def layer_io(tflite_bytes: bytes, x: np.ndarray, names, *, delegates: str = "non
     return result
 
 
+def bias_offsets(tflite_bytes: bytes, model, channel_maps) -> Dict[str, float]:
+    """Per conv / fully-connected op: the largest ``|file bias - model bias|`` over its kept channels, in steps of
+    the op's output (after its clips), for the layers of ``model`` named in ``channel_maps`` (the prune report's:
+    which output channels the file keeps). ``model`` holds the biases the Keras model adds in inference (a
+    Bayesian Bits model's are on the file's int32 grid, ``BayesianBitsQuantizer.bias_on_grid``, so this is ~0).
+    Layers whose removed input channels left a constant to fold into the bias are not compared."""
+    flat = flatbuffer.read(tflite_bytes)
+    out = {}
+    for op, _, b, t_out in flatbuffer.weight_tensors(flat):
+        w = flat.tensors[op.inputs[1]]
+        name = flatbuffer.match_layer([w.name, t_out.name], list(channel_maps))
+        if name is None or b is None or b.values is None or not t_out.scale:
+            continue
+        maps = channel_maps[name]
+        removed = ~np.asarray(maps["in_keep"], bool)
+        if np.any(np.asarray(maps["in_const"])[removed] != 0):
+            continue
+        layer = model.get_layer(name)
+        weights = layer.get_weights()
+        bias = weights[1] if getattr(layer, "use_bias", False) else np.zeros(b.values.size, np.float32)
+        kept = np.asarray(bias, np.float64).reshape(-1)[np.asarray(maps["out_keep"], bool)]
+        if kept.size != b.values.size:
+            continue
+        out[name] = float(np.max(np.abs(b.values.astype(np.float64) * b.scale - kept), initial=0.0) / t_out.scale)
+    return out
+
+
 @dataclasses.dataclass
 class LayerRef:
     """Where one planned layer of a Keras reference model sits, for ``lsb_histograms``.

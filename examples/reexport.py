@@ -1,0 +1,88 @@
+"""Bring a finished ``examples/mnist.py`` run up to today's inference and exporter, without training again.
+
+Loads ``RUN/model.h5``, evaluates it on the run's test set (the same images, padding and limits as the run's own
+command line) and, for runs that exported, exports it again the way ``examples/mnist.py`` does
+(``tflite_export.export_for_example``: ``model.tflite``, C arrays, verification on the test set). The run's
+``results.json`` gets the new ``test_accuracy`` and ``tflite`` entries, and a ``reexported`` entry saying when,
+with which command, and the values it replaced.
+
+It gives what the run's own command gives with today's code only where training itself did not change: use it
+for changes to inference or export (e.g. the int32 bias grid of 2026-11-30, ``BayesianBitsQuantizer.bias_on_grid``,
+which changes what a model computes in inference only). Training changes need the run again.
+
+Usage::
+
+    python examples/reexport.py runs/beyond/resnet20 runs/fast-s0 ...
+"""
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import mnist  # noqa: E402  (examples/mnist.py: its data handling)
+
+import bbits_tf  # noqa: E402
+from bbits_tf import data as data_lib  # noqa: E402
+
+
+def run_data(args):
+    """The run's ``((x_train, y_train), (x_test, y_test))``, as its command line prepared them."""
+    data = data_lib.load_mnist(args.get("data_dir"), source="tfds" if args.get("tfds") else "idx",
+                               train_limit=args.get("train_limit"))
+    if args.get("test_limit"):
+        (x_test, y_test) = data[1]
+        data = (data[0], (x_test[:args["test_limit"]], y_test[:args["test_limit"]]))
+    model = args.get("model") or "lenet5"
+    if model != "lenet5":
+        data = tuple((mnist.model_images(x, model), y) for x, y in data)
+    return data
+
+
+def reexport(run_dir, export=True, print_fn=print):
+    """Re-evaluates (and re-exports) one run folder in place; returns the ``reexported`` entry."""
+    run_dir = pathlib.Path(run_dir)
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text())
+    args = results["settings"]["args"]
+    data = run_data(args)
+    (x_train, _), (x_test, y_test) = data
+    model = bbits_tf.load_model(str(run_dir / "model.h5"))
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    accuracy = float(model.evaluate(x_test, y_test, batch_size=1000, verbose=0, return_dict=True)["accuracy"])
+    entry = {"date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
+             "replaced": {"test_accuracy": results.get("test_accuracy")}}
+    results["test_accuracy"] = accuracy
+    if export and results.get("tflite") is not None and bbits_tf.bayesian_bits_quantizers(model):
+        import tflite_export  # pylint: disable=import-outside-toplevel
+
+        old = results["tflite"]
+        entry["replaced"]["tflite"] = {k: old.get(k) for k in ("file_bytes", "verification", "checks", "problems",
+                                                               "tflm_max_lsb_diff")}
+        results["tflite"] = tflite_export.export_for_example(model, run_dir, x_test, y_test, x_train=x_train,
+                                                            print_fn=None)
+    results["reexported"] = entry
+    results_path.write_text(json.dumps(results, indent=2))
+    if print_fn is not None:
+        t = results.get("tflite") or {}
+        v = t.get("verification") or {}
+        print_fn(f"{run_dir}: test accuracy {entry['replaced']['test_accuracy']} -> {accuracy}"
+                 + (f"; file {t.get('file_bytes')} B, top-1 agreement {v.get('top1_agreement')} "
+                    f"(on grid {v.get('top1_agreement_on_grid')}), failed checks "
+                    f"{[k for k, ok in (t.get('checks') or {}).items() if not ok]}" if t else ""))
+    return entry
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders of examples/mnist.py (with model.h5, results.json)")
+    parser.add_argument("--no-export", action="store_true", help="re-evaluate only")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        reexport(run, export=not args.no_export)
+
+
+if __name__ == "__main__":
+    main()
