@@ -16,6 +16,7 @@ Usage::
 """
 import argparse
 import datetime
+import gc
 import json
 import pathlib
 import sys
@@ -26,6 +27,7 @@ import mnist  # noqa: E402  (examples/mnist.py: its data handling)
 
 import bbits_tf  # noqa: E402
 from bbits_tf import data as data_lib  # noqa: E402
+from bbits_tf._keras import keras  # noqa: E402
 
 
 def run_data(args):
@@ -41,8 +43,11 @@ def run_data(args):
     return data
 
 
-def reexport(run_dir, export=True, print_fn=print):
-    """Re-evaluates (and re-exports) one run folder in place; returns the ``reexported`` entry."""
+def reexport(run_dir, export="auto", print_fn=print):
+    """Re-evaluates (and re-exports) one run folder in place; returns the ``reexported`` entry.
+
+    ``export``: "auto" exports the runs that exported (``results["tflite"]``), "always" every Bayesian Bits run,
+    "never" none."""
     run_dir = pathlib.Path(run_dir)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text())
@@ -55,10 +60,11 @@ def reexport(run_dir, export=True, print_fn=print):
     entry = {"date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv),
              "replaced": {"test_accuracy": results.get("test_accuracy")}}
     results["test_accuracy"] = accuracy
-    if export and results.get("tflite") is not None and bbits_tf.bayesian_bits_quantizers(model):
+    wanted = export == "always" or (export == "auto" and results.get("tflite") is not None)
+    if wanted and bbits_tf.bayesian_bits_quantizers(model):
         import tflite_export  # pylint: disable=import-outside-toplevel
 
-        old = results["tflite"]
+        old = results.get("tflite") or {}
         entry["replaced"]["tflite"] = {k: old.get(k) for k in ("file_bytes", "verification", "checks", "problems",
                                                                "tflm_max_lsb_diff")}
         results["tflite"] = tflite_export.export_for_example(model, run_dir, x_test, y_test, x_train=x_train,
@@ -78,10 +84,13 @@ def reexport(run_dir, export=True, print_fn=print):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders of examples/mnist.py (with model.h5, results.json)")
-    parser.add_argument("--no-export", action="store_true", help="re-evaluate only")
+    parser.add_argument("--export", choices=("auto", "always", "never"), default="auto",
+                        help="auto: export again the runs that exported; always: every Bayesian Bits run; never")
     args = parser.parse_args(argv)
     for run in args.runs:
-        reexport(run, export=not args.no_export)
+        reexport(run, export=args.export)
+        keras.backend.clear_session()  # one model at a time: four mobile models in one process ran out of memory
+        gc.collect()
 
 
 if __name__ == "__main__":
