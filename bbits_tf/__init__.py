@@ -12,6 +12,7 @@ from bbits_tf.quantize import (
     ranges_initialized,
     regularization_loss,
     register_loading_objects,
+    set_input_range,
     set_mu,
     variable_groups,
 )

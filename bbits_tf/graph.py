@@ -200,6 +200,19 @@ def grid_source(layer, model=None):
     return None
 
 
+def reads_model_input(model, layer):
+    """Whether ``layer``'s one input is the model input, directly or through pass-through layers."""
+    found = inbound_layers(model, layer)
+    while len(found) == 1:
+        (source,) = found
+        if isinstance(inner_layer(source), keras.layers.InputLayer):
+            return True
+        if not is_passthrough(source) or call_count(model, source) != 1:
+            return False
+        found = inbound_layers(model, source)
+    return False
+
+
 def quantizable_consumers(model, layer):
     """MAC layers that read ``layer``'s output, following pass-through layers."""
     return [c for c in consumers(model, layer) if is_mac(c)]

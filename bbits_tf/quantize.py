@@ -166,6 +166,7 @@ def quantize_model(
     gate="hard_concrete",
     mask_bias=True,
     fixed_weight_bits=None,
+    input_range=None,
 ):
     """Returns a Bayesian Bits quantization-aware copy of a Sequential or Functional tf_keras model.
 
@@ -202,6 +203,10 @@ def quantize_model(
         mask_bias: a pruned channel's bias is masked too (deviation from the reference, see README).
         fixed_weight_bits: if set (e.g. 8 or 4; at least 2), weights use this fixed bit width (no bit gates),
             which with ``prune=True`` is the pruning-only ablation; activations keep ``bit_widths``.
+        input_range: ``(lo, hi)`` of the model input as the exported file carries it in 8 bits (``tflite_export``'s
+            ``input_range``; ``(0, 1)`` for images scaled to [0, 1]): the layers that read it add in inference the
+            bias the file stores, on its grid ``(hi - lo) / 255`` times their weight step (``bias_on_grid``).
+            ``None``: they keep their float bias, which the file rounds.
 
     Returns:
         The quantized model.
@@ -225,6 +230,7 @@ def quantize_model(
     init_log_alpha = checks.numbers_of_length("init_log_alpha", init_log_alpha, len(bit_widths) - 1)
     get_gate_kind(gate)
     weight_bit_widths = bit_widths if fixed_weight_bits is None else validate_bit_widths((fixed_weight_bits,))
+    input_step = None if input_range is None else _input_step(input_range)
 
     units = graph.mac_units(model)
     supported = [unit.mac for unit in units.values()]
@@ -264,6 +270,7 @@ def quantize_model(
             prune=prunes,
             mac_weight=macs[name] / max_macs,
             gates_from=None if lead == name else lead,
+            input_step=input_step if graph.reads_model_input(model, unit.mac) else None,
         )
         quantize_configs[name] = registry.get_quantize_config(
             unit.mac, weight_kwargs=weight_kwargs,
@@ -299,6 +306,32 @@ def quantize_model(
     logger.info(report.format())
     bayesian_bits_quantizers(quantized)  # links tied pruning gates and each kernel quantizer to its input grid
     return quantized
+
+
+def set_input_range(model, input_range):
+    """Sets ``quantize_model``'s ``input_range`` on a quantized model (one quantized without it, or loaded): the
+    layers that read the model input then add the exported file's bias in inference. Keras' cached predict and
+    evaluate functions are dropped so that the next call traces with it. Returns the names of those layers."""
+    step = _input_step(input_range)
+    found = [w for w, role, q, _ in bayesian_bits_quantizers(model)
+             if role == "weight" and graph.reads_model_input(model, w)]
+    for wrapper, role, quantizer, _ in bayesian_bits_quantizers(model):
+        if role == "weight" and wrapper in found:
+            quantizer.input_step = step
+    model.predict_function = model.test_function = None
+    return [graph.inner_layer(w).name for w in found]
+
+
+def _input_step(input_range):
+    """``(hi - lo) / 255`` of a valid ``input_range``."""
+    try:
+        lo, hi = (float(v) for v in input_range)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not lo < hi or hi - lo == float("inf"):
+        raise ValueError(f"`input_range` must be (lo, hi) with finite lo < hi, e.g. (0.0, 1.0). Received: "
+                         f"input_range={input_range!r}")
+    return (hi - lo) / 255.0
 
 
 def _check_units_fused(quantized, units):

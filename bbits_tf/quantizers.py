@@ -130,6 +130,8 @@ class BayesianBitsQuantizer(_Quantizer):
         gate: gate kind, ``"hard_concrete"`` or ``"gumbel_sigmoid"``.
         mac_weight: ``c_k`` of the regularizer, or ``None`` for unit cost.
         mu: initial regularizer strength; it lives in a variable that ``bbits_tf.set_mu`` changes.
+        input_step: for the kernel quantizer of a layer that reads the model input: the step of that input's
+            8-bit grid in the exported file (``quantize_model(input_range=...)``), for ``bias_on_grid``.
         gates_from: with ``prune``, the name of the layer whose weight quantizer owns this quantizer's pruning
             gates (tied gates, ``bbits_tf.graph.prune_groups``): no ``log_alpha_2`` of its own; it uses the
             leader's variable (found in the model when first needed). A leader's gates of shape ``(C,)`` cover a
@@ -150,6 +152,7 @@ class BayesianBitsQuantizer(_Quantizer):
         mac_weight=None,
         mu=0.0,
         gates_from=None,
+        input_step=None,
     ):
         self.bit_widths = ops.validate_bit_widths(bit_widths)
         if isinstance(init_log_alpha, (int, float)) or init_log_alpha is None:
@@ -171,6 +174,8 @@ class BayesianBitsQuantizer(_Quantizer):
             raise ValueError("`gates_from` names the layer that owns the pruning gates of a pruning quantizer "
                              f"(prune=True). Received: gates_from={gates_from!r}, prune={self.prune}")
         self.gates_from = gates_from
+        self.input_step = (None if input_step is None
+                           else checks.number("input_step", input_step, minimum=0, strict_minimum=True))
         self._bias = None
         self._channel_shape = None
         # (quantizer, variables) of the activation quantizer that produces the layer's input: its grid step times
@@ -374,14 +379,19 @@ class BayesianBitsQuantizer(_Quantizer):
         ``f = ops.int8_refinement(weight bits)`` (64 for 2-bit weights, 16 for 4-bit, else 1), the scale at
         which ``tflite_export`` stores the weights. The bias moves by at most ``g / 2`` (0.05 output steps on
         that ResNet20). Training keeps the float bias (deviation: the reference has no such rounding). A layer
-        whose input has no quantizer (the model input) keeps its float bias.
+        that reads the model input uses ``input_step`` (its 8-bit grid in the file) as ``s_in``, or keeps its
+        float bias without one.
         """
         source = self.input_quantizer or _find_input_quantizer()
-        if source is None:
+        if source is not None:
+            self.input_quantizer = source
+            in_quantizer, in_weights = source
+            s_in = in_quantizer.grid_step(in_weights)
+        elif self.input_step is not None:
+            s_in = tf.constant(self.input_step, tf.float32)
+        else:
             return bias
-        self.input_quantizer = source
-        in_quantizer, in_weights = source
-        grid = in_quantizer.grid_step(in_weights) * self.grid_step(weights, int8_refined=True)
+        grid = s_in * self.grid_step(weights, int8_refined=True)
         return ops.round_ste(bias / grid) * grid
 
     def regularization(self, weights):
@@ -414,6 +424,7 @@ class BayesianBitsQuantizer(_Quantizer):
             "mac_weight": self.mac_weight,
             "mu": self.mu,
             "gates_from": self.gates_from,
+            "input_step": self.input_step,
         }
 
     @classmethod

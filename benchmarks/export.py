@@ -178,7 +178,8 @@ def mobilenet_v2_variants(args, data):
     (x_train, y_train), _ = data
     start = time.time()
     float_model = fine_tune(mobilenet_v2(args.seed), x_train, y_train, args.train_steps, 1e-3, args.seed)
-    qmodel = bbits_tf.quantize_model(float_model, mu=MU["mobilenet_v2"], fixed_weight_bits=args.fixed_weight_bits)
+    qmodel = bbits_tf.quantize_model(float_model, mu=MU["mobilenet_v2"], fixed_weight_bits=args.fixed_weight_bits,
+                                     input_range=(0.0, 1.0))  # the export's input range
     bbits_tf.initialize_ranges(qmodel, x_train)
     fine_tune(qmodel, x_train, y_train, args.qat_steps, QAT_LR, args.seed)
     origin = {"source": "trained here", "float_steps": args.train_steps, "qat_steps": args.qat_steps,

@@ -61,6 +61,10 @@ MODELS = {
 }
 
 
+# The 8-bit input range of the export (pixels scaled to [0, 1], exactly k / 255): quantize_model's input_range.
+INPUT_RANGE = (0.0, 1.0)
+
+
 def model_images(x, model_name):
     """MNIST images ``(n, 28, 28, 1)`` as the input of ``MODELS[model_name]``: padded, channels repeated."""
     height, width, channels = MODELS[model_name][1]
@@ -316,7 +320,8 @@ def export_tflite(model, output_dir, data):
     import tflite_export  # lazy: heavy, and only needed here
 
     (x_train, _), (x_test, y_test) = data
-    return tflite_export.export_for_example(model, output_dir, x_test, y_test, x_train=x_train)
+    return tflite_export.export_for_example(model, output_dir, x_test, y_test, x_train=x_train,
+                                            input_range=INPUT_RANGE)
 
 
 def layer_rows(profile):
@@ -549,7 +554,8 @@ def main(argv=None):
     try:
         result = training.run(build_model(args.model), recipe, data, method=args.method, seed=args.seed, verbose=args.verbose,
                               log_dir=args.log_dir, bit_width_every=args.bit_width_every or None, callbacks=callbacks,
-                              checkpoint_dir=checkpoint_dir, checkpoint_config={"run_options": options})
+                              checkpoint_dir=checkpoint_dir, checkpoint_config={"run_options": options},
+                              input_range=INPUT_RANGE)
     except KeyboardInterrupt:
         meta = training.read_checkpoint(checkpoint_dir)
         done = f"{meta['completed_epochs']} of {meta['total_epochs']} epochs are" if meta else "no epoch is"

@@ -55,6 +55,8 @@ def reexport(run_dir, export="auto", print_fn=print):
     data = run_data(args)
     (x_train, _), (x_test, y_test) = data
     model = bbits_tf.load_model(str(run_dir / "model.h5"))
+    if bbits_tf.bayesian_bits_quantizers(model):  # as examples/mnist.py now quantizes (training.run(input_range=...))
+        bbits_tf.set_input_range(model, mnist.INPUT_RANGE)
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     accuracy = float(model.evaluate(x_test, y_test, batch_size=1000, verbose=0, return_dict=True)["accuracy"])
     entry = {"date": datetime.date.today().isoformat(), "command": " ".join(["python"] + sys.argv),

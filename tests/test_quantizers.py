@@ -127,3 +127,31 @@ def test_plain_keras_load_finds_the_input_grid_on_the_first_call(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
     assert q_w.input_quantizer is not None  # ... found in the Keras graph on the first call
     assert q_w.input_quantizer[0] is loaded.get_layer("quant_c1")._output_quantizers[0]  # pylint: disable=protected-access
+
+
+def test_input_range_puts_the_first_layers_bias_on_the_input_grid(tmp_path):
+    keras.utils.set_random_seed(0)
+    qmodel = bbits_tf.quantize_model(_two_conv_model(), input_range=(0.0, 1.0))
+    x = np.random.default_rng(1).random((16, 8, 8, 1), dtype=np.float32)
+    bbits_tf.initialize_ranges(qmodel, x)
+    table = {(w.layer.name, role): (q, v) for w, role, q, v in bbits_tf.bayesian_bits_quantizers(qmodel)}
+    q1, v1 = table[("c1", "weight")]
+    assert q1.input_step == pytest.approx(1 / 255) and table[("c2", "weight")][0].input_step is None
+    bias_var = next(v for v in qmodel.get_layer("quant_c1").weights if v.name.endswith("/bias:0"))
+    bias = np.random.default_rng(2).normal(0.0, 0.3, 4).astype(np.float32)
+    bias_var.assign(bias)
+    grid = (1 / 255) * q1.step_size(v1) / bbits_tf.ops.int8_refinement(q1.bit_width(v1))
+    _, inference_bias = q1(qmodel.get_layer("quant_c1").weights[0], False, v1)
+    np.testing.assert_allclose(inference_bias.numpy(), np.round(bias / grid) * grid, rtol=1e-5, atol=1e-7 * grid)
+    assert np.abs(inference_bias.numpy() - bias).max() > 1e-3 * grid
+    # saved with the model; set_input_range gives it to a model quantized without one
+    path = str(tmp_path / "m.h5")
+    qmodel.save(path)
+    loaded = bbits_tf.load_model(path)
+    assert loaded.get_layer("quant_c1")._weight_vars[0][1].input_step == pytest.approx(1 / 255)  # pylint: disable=protected-access
+    plain = bbits_tf.quantize_model(_two_conv_model())
+    assert bbits_tf.set_input_range(plain, (-1.0, 1.0)) == ["c1"]
+    assert plain.get_layer("quant_c1")._weight_vars[0][1].input_step == pytest.approx(2 / 255)  # pylint: disable=protected-access
+    for bad in [(1.0, 0.0), (0.0, float("inf")), "0,1", None]:
+        with pytest.raises(ValueError, match="input_range"):
+            bbits_tf.set_input_range(plain, bad)

@@ -317,7 +317,7 @@ def bias_check(report, plans, input_bits, packed, problems) -> bool:
         bits = input_bits.get(name)
         why = ("INT4 / INT2 weights at their learned scale" if name in packed else
                f"{plans[name].weight_bits}-bit weights carried at 8 bits" if not plans[name].weight_exact else
-               "its input is the model input, which has no quantizer" if bits is None else
+               "its input is the model input, no input_range given to quantize_model" if bits is None else
                f"its {bits}-bit input carried at 8 bits" if bits > 8 else None)
         if why is None:
             ok = False
