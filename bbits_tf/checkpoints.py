@@ -8,6 +8,7 @@ JSON state (phase, epoch, config, the epoch and bit-width histories, the state o
 import json
 import os
 import shutil
+import tempfile
 import warnings
 
 import numpy as np
@@ -110,6 +111,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def __init__(self, directory, model, state_fn, epoch_offset=0, max_to_keep=2):
         super().__init__()
+        # Under tf.distribute.MultiWorkerMirroredStrategy only the chief writes ``directory``; the other workers
+        # save the same checkpoint into a temporary folder of their own (every worker runs the same save), removed
+        # at the end of training.
+        self.chief = is_chief(model.distribute_strategy)
+        if not self.chief:
+            directory = tempfile.mkdtemp(prefix="bbits_tf_worker_checkpoint_")
         self.directory, self.state_fn, self.epoch_offset = str(directory), state_fn, epoch_offset
         os.makedirs(self.directory, exist_ok=True)
         for name in os.listdir(self.directory):  # half-written saves of a killed process
@@ -133,6 +140,22 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._state.value = self.state_fn(epoch + 1)
         self.manager.save(checkpoint_number=self.epoch_offset + epoch + 1)
+
+    def on_train_end(self, logs=None):
+        if not self.chief:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def is_chief(strategy):
+    """Whether this process writes shared files: always, except under a multi-worker strategy, where the task
+    ``chief`` does (or worker 0 of a cluster without one)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not cluster or resolver.task_type is None:
+        return True
+    if "chief" in cluster:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and int(resolver.task_id or 0) == 0
 
 
 def _stateful(callbacks):
