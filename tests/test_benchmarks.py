@@ -1,4 +1,4 @@
-"""benchmarks/train_step.py and benchmarks/export.py: their --smoke modes end to end (in a subprocess, as a user runs
+"""benchmarks/train_step.py, benchmarks/export.py and benchmarks/epoch.py: their --smoke modes end to end (in a subprocess, as a user runs
 them) write JSON with every field and finite positive numbers; the MobileNetV2 helpers; per-model defaults."""
 import importlib
 import json
@@ -142,3 +142,18 @@ def test_export_smoke_mobilenet_v2(tmp_path):
     ops = summary["variants"]["bbits"]["ops"]
     assert ops.count("CONV_2D") + ops.count("DEPTHWISE_CONV_2D") == 52 and "MUL" not in ops  # BatchNorm folded
     assert len(summary["bbits_profile"]) == 53
+
+
+def test_epoch_benchmark_smoke(tmp_path):
+    out = tmp_path / "epoch.json"
+    stdout = _run("epoch.py", "--smoke", "--output", str(out))
+    result = json.loads(out.read_text())
+    assert result["train_images"] == 512 and result["rounds"] == 1 and result["smoke"] is True
+    for name in ("tfmot_8bit", "bbits_tf"):
+        (seconds,) = result["epoch_s"][name]  # one round of two epochs
+        assert len(seconds) == 2 and all(s > 0 for s in seconds)
+        assert result["median_steady_epoch_s"][name] == seconds[1]
+        assert result["train_call_s"][name][0] >= sum(seconds)
+    assert result["ratio_steady_epoch"] == pytest.approx(
+        result["median_steady_epoch_s"]["bbits_tf"] / result["median_steady_epoch_s"]["tfmot_8bit"])
+    assert "steady epoch" in stdout
