@@ -256,3 +256,24 @@ def test_models_beyond_lenet_read_mnist_padded_to_32x32(mnist_example):
     assert options["model"] == "mobilenet_v2"
     lenet = mnist_example.parse_args([])
     assert "model" not in mnist_example.run_options(lenet, mnist_example.make_recipe(lenet, print_fn=None))
+
+
+def test_reexport_reproduces_a_finished_run(smoke_run, tmp_path):
+    """examples/reexport.py on a run of today's code: the same test accuracy and the same exported file."""
+    import shutil  # pylint: disable=import-outside-toplevel
+    source, _ = smoke_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    before = json.loads((run_dir / "results.json").read_text())
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "reexport.py"), str(run_dir)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    after = json.loads((run_dir / "results.json").read_text())
+    assert after["test_accuracy"] == before["test_accuracy"]
+    assert after["reexported"]["replaced"]["test_accuracy"] == before["test_accuracy"]
+    assert after["reexported"]["replaced"]["tflite"]["file_bytes"] == before["tflite"]["file_bytes"]
+    assert after["tflite"]["file_bytes"] == before["tflite"]["file_bytes"] and after["tflite"]["passed"]
+    assert after["tflite"]["verification"] == before["tflite"]["verification"]
+    assert after["tflite"]["checks"]["biases_as_model"]
+    assert (run_dir / "model.tflite").read_bytes() == (source / "model.tflite").read_bytes()
