@@ -198,11 +198,7 @@ def export_tflite(model, output_dir, data):
 def main(argv=None):
     start = time.time()
     args = parse_args(argv)
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    if args.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    mnist.configure_tensorflow(args)
     recipe = make_recipe(args)
     output_dir = Path(args.output_dir or f"runs/cifar10-{args.method}-{args.seed}")
     options = mnist.run_options(args, recipe)

@@ -505,14 +505,31 @@ def finish_run(args, recipe, options, result, env, budget, data, start, output_d
     return results
 
 
-def main(argv=None):
-    start = time.time()
-    args = parse_args(argv)
+def configure_tensorflow(args):
+    """``--threads`` and ``--deterministic`` (this script's and examples/cifar10.py's)."""
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
+
+
+def load_data(data_dir=None, tfds=False, train_limit=None, test_limit=None, model="lenet5"):
+    """MNIST as a run of this script reads it: ``((x_train, y_train), (x_test, y_test))``, the test set cut to
+    ``test_limit``, the images in ``model``'s input shape (``model_images``)."""
+    data = data_lib.load_mnist(data_dir, source="tfds" if tfds else "idx", train_limit=train_limit)
+    if test_limit:
+        (x_test, y_test) = data[1]
+        data = (data[0], (x_test[:test_limit], y_test[:test_limit]))
+    if model != "lenet5":
+        data = tuple((model_images(x, model), y) for x, y in data)
+    return data
+
+
+def main(argv=None):
+    start = time.time()
+    args = parse_args(argv)
+    configure_tensorflow(args)
     recipe = make_recipe(args)
     model_part = "" if args.model == "lenet5" else f"{args.model}-"
     output_dir = Path(args.output_dir or f"runs/mnist-{model_part}{args.method}-{args.seed}")
@@ -523,14 +540,9 @@ def main(argv=None):
               f"BOPs {found['relative_bops']:.3f}%. Nothing to do (--overwrite runs it again).")
         return found
     try:
-        data = data_lib.load_mnist(args.data_dir, source="tfds" if args.tfds else "idx", train_limit=args.train_limit)
+        data = load_data(args.data_dir, args.tfds, args.train_limit, args.test_limit, args.model)
     except (ValueError, OSError, ImportError) as error:
         fail(f"cannot load MNIST: {error}")
-    if args.test_limit:
-        (x_test, y_test) = data[1]
-        data = (data[0], (x_test[:args.test_limit], y_test[:args.test_limit]))
-    if args.model != "lenet5":
-        data = tuple((model_images(x, args.model), y) for x, y in data)
     (x_train, _), (x_test, _) = data
     print(f"MNIST: {len(x_train)} training, {len(x_test)} test images of {x_train.shape[1:]}; model {args.model}; "
           f"method {args.method}; recipe {args.recipe}: {recipe}")

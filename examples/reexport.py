@@ -26,21 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import mnist  # noqa: E402  (examples/mnist.py: its data handling)
 
 import bbits_tf  # noqa: E402
-from bbits_tf import data as data_lib  # noqa: E402
 from bbits_tf._keras import keras  # noqa: E402
-
-
-def run_data(args):
-    """The run's ``((x_train, y_train), (x_test, y_test))``, as its command line prepared them."""
-    data = data_lib.load_mnist(args.get("data_dir"), source="tfds" if args.get("tfds") else "idx",
-                               train_limit=args.get("train_limit"))
-    if args.get("test_limit"):
-        (x_test, y_test) = data[1]
-        data = (data[0], (x_test[:args["test_limit"]], y_test[:args["test_limit"]]))
-    model = args.get("model") or "lenet5"
-    if model != "lenet5":
-        data = tuple((mnist.model_images(x, model), y) for x, y in data)
-    return data
 
 
 def reexport(run_dir, export="auto", print_fn=print):
@@ -52,7 +38,8 @@ def reexport(run_dir, export="auto", print_fn=print):
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text())
     args = results["settings"]["args"]
-    data = run_data(args)
+    data = mnist.load_data(args.get("data_dir"), args.get("tfds"), args.get("train_limit"), args.get("test_limit"),
+                           args.get("model") or "lenet5")
     (x_train, _), (x_test, y_test) = data
     model = bbits_tf.load_model(str(run_dir / "model.h5"))
     if bbits_tf.bayesian_bits_quantizers(model):  # as examples/mnist.py now quantizes (training.run(input_range=...))

@@ -491,10 +491,11 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
                         f"from float32 rounding at the top of bbits_tf.ops.quantize's clip); the file holds them "
                         f"rounded and clipped to the grid")
     report.bias_offsets = bias_offsets(base.model_bytes, plain, base.prune.channel_maps)
+    table = _quantizer_table(qmodel)
+    weight_quantizers = {w.layer.name: table[w.name]["weight"][0] for w in qmodel.layers
+                         if "weight" in table.get(w.name, {})}
     in_bits = {n: ((8 if q.input_step else None) if q.input_quantizer is None  # 8: the model input, on a grid
-                   else q.input_quantizer[0].bit_width(q.input_quantizer[1]))
-               for n, q in ((w.layer.name, e["weight"][0]) for w in qmodel.layers
-                            for e in [_quantizer_table(qmodel).get(w.name, {})] if "weight" in e)}
+                   else q.input_quantizer[0].bit_width(q.input_quantizer[1])) for n, q in weight_quantizers.items()}
     checks["biases_as_model"] = bias_check(report, plans, in_bits, int4 | int2, problems)
 
     x_val, y_val = validation_data if validation_data is not None else (x_rep, None)
