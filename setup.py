@@ -12,7 +12,8 @@ setup(
     # find_packages adds any sub-packages.
     packages=sorted(set(_TOP) | set(find_packages(include=[f"{p}.*" for p in _TOP]))),
     # The shipped MNIST copy (IDX, gzip) that bbits_tf.data.load_mnist() reads by default.
-    package_data={"bbits_tf": ["datasets/mnist/*.gz"]},
+    # csrc: the fused quantizer op's source, compiled on first use (bbits_tf.kernels; no compiler: graph fallback).
+    package_data={"bbits_tf": ["datasets/mnist/*.gz", "csrc/*.cc"]},
     # The tested set (see ARCHITECTURE.md, "Verified facts about the stack").
     install_requires=[
         "tensorflow==2.21.*",

@@ -1,5 +1,5 @@
 """bbits_tf: Bayesian Bits (learned mixed-precision quantization and pruning) for tf_keras and TFLite."""
-from bbits_tf import gates, models, ops
+from bbits_tf import gates, kernels, models, ops
 from bbits_tf.configs import BayesianBitsQuantizeConfig
 from bbits_tf.quantize import (
     QuantizeReport,
@@ -26,3 +26,4 @@ from bbits_tf import callbacks  # noqa: E402  (NonFiniteGuard, BopsLogger, ...)
 from bbits_tf._keras import keras  # noqa: E402  (tf_keras, the Keras 2 that tfmot needs: `from bbits_tf import keras`)
 
 register_loading_objects()
+kernels.library(build_if_missing=False)  # registers the fused quantizer op if built (SavedModels that hold it load)

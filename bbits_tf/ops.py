@@ -11,9 +11,12 @@ Forward function of the gated residual quantizer, for ``bit_widths = (2, 4, 8, 1
 The decomposition reproduces direct b-bit rounding on the grid ``k * s_b`` exactly.
 
 Any chain of doubling bit widths works: ``(8,)`` is a fixed 8-bit quantizer, ``(4, 8)`` starts at 4 bits.
-All math runs in float32.
+All math runs in float32. Where the fused C++ op can be built (``bbits_tf.kernels``), ``quantize`` runs as one
+op forward and one backward; elsewhere as the TensorFlow graph ``_fused_quantize``: same values and gradients.
 """
 import tensorflow as tf
+
+from bbits_tf import kernels
 
 CLIP_SHRINK = 1.0 - 1e-7
 MIN_X_MAX = 1e-8
@@ -153,6 +156,8 @@ def quantize(x, x_max, signed, bit_widths, z_bits=None, alive=None):
     x_max = tf.maximum(tf.cast(x_max, tf.float32), MIN_X_MAX)
     x = tf.convert_to_tensor(tf.cast(x, tf.float32))
     coefs, on = level_weights(z_bits, alive, len(bit_widths) - 1)
+    if kernels.enabled():
+        return _kernel_quantize(x, x_max, coefs, bool(signed), tuple(bit_widths), alive)
     return _fused_quantize(x, x_max, coefs, bool(signed), tuple(bit_widths), on)
 
 
@@ -243,6 +248,41 @@ def _fused_quantize(x, x_max, coefs, signed, bit_widths, on):
             dx_max += CLIP_SHRINK * tf.reduce_sum(tf.where(x > hi, g_c, tf.zeros_like(g_c)))
             if signed:
                 dx_max -= CLIP_SHRINK * tf.reduce_sum(tf.where(x < lo, g_c, tf.zeros_like(g_c)))
+            return dx, dx_max, dcoefs
+
+        return out, grad
+
+    return fused(x, x_max, coefs)
+
+
+def _kernel_quantize(x, x_max, coefs, signed, bit_widths, alive):
+    """``_fused_quantize`` as the C++ ops of ``bbits_tf.kernels``: one pass over the tensor forward (all levels up
+    to the first truncated gate, summed in the graph's order: same float32 bits) and one backward, which returns
+    the input gradient and the per-level sums ``sum(g R_n)``, ``sum(g x_c)`` and the clipped values' ``sum(g)``;
+    the scalar gradients of ``x_max`` and the level weights are then formed here as in ``_fused_quantize``."""
+    lib = kernels.library()
+    n_levels = len(bit_widths)
+    attrs = {"signed": signed, "bit_widths": list(bit_widths)}
+    alive = (tf.ones([n_levels - 1], tf.bool) if alive is None
+             else tf.reshape(tf.cast(alive, tf.bool), [n_levels - 1]))
+    x_max = tf.reshape(x_max, [])
+
+    @tf.custom_gradient
+    def fused(x, x_max, coefs):
+        out = lib.bbits_quantize(x, x_max, coefs, alive, **attrs)
+
+        def grad(g):
+            total = tf.reduce_sum(coefs)
+            dx, sums = lib.bbits_quantize_grad(tf.cast(g, tf.float32), x, x_max, alive, total, **attrs)
+            s = tf.unstack(sums, num=n_levels + 3)
+            c = tf.unstack(coefs, num=n_levels)
+            steps = step_sizes(x_max, signed, bit_widths)
+            dcoefs = tf.stack([steps[n] * s[n] for n in range(n_levels)])
+            g_x = s[n_levels]
+            dx_max = tf.add_n([c[n] * (steps[n] * s[n] - g_x) for n in range(n_levels)]) / x_max
+            dx_max += CLIP_SHRINK * total * s[n_levels + 1]
+            if signed:
+                dx_max -= CLIP_SHRINK * total * s[n_levels + 2]
             return dx, dx_max, dcoefs
 
         return out, grad

@@ -4,7 +4,7 @@ import logging
 
 import tensorflow as tf
 
-from bbits_tf import checks, configs, graph
+from bbits_tf import checks, configs, graph, kernels
 from bbits_tf._keras import keras, tfmot
 from bbits_tf.folding import FoldedBatchNorm
 from bbits_tf.gates import DEFAULT_INIT_LOG_ALPHA, get_gate_kind
@@ -80,7 +80,12 @@ def register_loading_objects():
 
 
 def load_model(path, **kwargs):
-    """Loads a saved bbits_tf model (``.h5``, ``.keras`` or SavedModel) with everything it needs in scope."""
+    """Loads a saved bbits_tf model (``.h5``, ``.keras`` or SavedModel) with everything it needs in scope.
+
+    A SavedModel traced with the fused quantizer op holds it in its graph: the op library is loaded (built if
+    needed) first. On a machine without a compiler such a SavedModel does not load; ``.h5`` / ``.keras`` files
+    (configuration and weights) load anywhere."""
+    kernels.library()
     with quantize_scope():
         model = keras.models.load_model(path, **kwargs)
     if isinstance(model, keras.Model):

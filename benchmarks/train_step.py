@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import bbits_tf  # noqa: E402
-from bbits_tf import data, models, ops  # noqa: E402
+from bbits_tf import data, kernels, models, ops  # noqa: E402
 from bbits_tf._keras import keras, tfmot  # noqa: E402
 
 MODELS = ("lenet5", "mobilenet_v2")
@@ -85,18 +85,24 @@ def _compiled(model, jit=False):
 
 
 TRACED = "bbits_tf (traced grad)"
+GRAPH = "bbits_tf (graph quantizer)"
 
 
 @contextlib.contextmanager
-def traced_gradient(active):
-    """Swaps ``bbits_tf.ops.quantize`` for ``quantize_traced`` while a variant's train step is traced."""
+def quantizer_path(name):
+    """While a variant's train step is traced: ``TRACED`` swaps ``bbits_tf.ops.quantize`` for ``quantize_traced``;
+    ``GRAPH`` turns the fused C++ op off (``bbits_tf.kernels.set_enabled(False)``: the TensorFlow-graph quantizer
+    with the written-out gradient)."""
     original = ops.quantize
-    if active:
+    if name == TRACED:
         ops.quantize = ops.quantize_traced
+    if name == GRAPH:
+        kernels.set_enabled(False)
     try:
         yield
     finally:
         ops.quantize = original
+        kernels.set_enabled(None)
 
 
 def variants(trained=None, model="lenet5", errors=None):
@@ -111,6 +117,8 @@ def variants(trained=None, model="lenet5", errors=None):
         errors["tfmot_8bit"] = f"tfmot.quantization.keras.quantize_model failed: {type(error).__name__}: {error}"
         print(f"tfmot_8bit: not timed, {errors['tfmot_8bit']}")
     runs["bbits_tf"] = _compiled(bbits_tf.quantize_model(build(), mu=mu))
+    if kernels.enabled():  # the same model without the fused op (what machines without a compiler run)
+        runs[GRAPH] = _compiled(bbits_tf.quantize_model(build(), mu=mu))
     if model == "lenet5":
         # The same model with TensorFlow's traced gradient of the quantizer (bbits_tf.ops.quantize_traced, the
         # implementation before the written-out gradient): traced with ops.quantize swapped, see TRACED.
@@ -157,14 +165,14 @@ def main(argv=None):
     x, y = batch(args.model, batch_size)
     errors = {}
     runs = variants(args.trained, args.model, errors)
-    for name in ("bbits_tf", TRACED):
+    for name in ("bbits_tf", GRAPH, TRACED):
         if name in runs:
             bbits_tf.initialize_ranges(runs[name], x)  # as training.run does before fit
     times = {name: [] for name in runs}
     warmup_s = {}
     for name, model in runs.items():  # warm-up: trace, range initialisation
         start = time.perf_counter()
-        with traced_gradient(name == TRACED):
+        with quantizer_path(name):
             for _ in range(args.warmup):
                 model.train_on_batch(x, y)
         warmup_s[name] = time.perf_counter() - start
@@ -190,6 +198,7 @@ def main(argv=None):
         "warmup_s": warmup_s,
         "times_ms": {name: [1000 * t for t in ts] for name, ts in times.items()},
         "errors": errors,
+        "fused_op": kernels.status(),
         "smoke": args.smoke,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
