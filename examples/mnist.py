@@ -200,6 +200,8 @@ def environment(args):
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "deterministic": bool(args.deterministic),
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
+        # The fused C++ quantizer op (bbits_tf.kernels) or, where it is off or cannot be built, the graph path.
+        "fused_quantizer_op": {k: v for k, v in bbits_tf.kernels.status().items() if k in ("enabled", "reason")},
     }
 
 

@@ -115,8 +115,10 @@ def environments(runs):
             key = "not recorded (a run of older code)"
         else:
             versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-            key = (f"threads {env['threads'] or 'all'}, deterministic {env['deterministic']}, {env['machine']}; "
-                   f"{versions}")
+            op = env.get("fused_quantizer_op")
+            fused = "not recorded" if op is None else ("on" if op["enabled"] else "off")
+            key = (f"threads {env['threads'] or 'all'}, deterministic {env['deterministic']}, {env['machine']}, "
+                   f"fused quantizer op {fused}; {versions}")
         found.setdefault(key, []).append(name)
     return found
 

@@ -75,6 +75,31 @@ inline float Clip(float x, float lo, float hi) {  // tf.maximum(tf.minimum(x, hi
   return v < lo ? lo : v;
 }
 
+constexpr int kLanes = 16;
+
+// sum(a * b) over n floats: kLanes float accumulators (a vector register), then float64.
+double Dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  double total = 0;
+  for (; i < n; ++i) total += static_cast<double>(a[i]) * b[i];
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
+double Sum(const float* a, int64_t n) {
+  float acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l];
+  double total = 0;
+  for (; i < n; ++i) total += a[i];
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
 void ForEachBlock(OpKernelContext* ctx, int64_t size, int64_t cost_per_block,
                   const std::function<void(int64_t, int64_t)>& fn) {
   const int64_t blocks = (size + kBlock - 1) / kBlock;
@@ -109,8 +134,10 @@ class BbitsQuantizeOp : public OpKernel {
     ForEachBlock(ctx, x.NumElements(), kBlock * 8 * levels, [&](int64_t begin, int64_t end) {
       float xc[kBlock];
       const int64_t n = end - begin;
-      for (int64_t i = 0; i < n; ++i) xc[i] = Clip(in[begin + i], grid.lo, grid.hi);
-      float* o = out + begin;
+      const float* __restrict xb = in + begin;
+      float* __restrict o = out + begin;
+      const float clip_lo = grid.lo, clip_hi = grid.hi;
+      for (int64_t i = 0; i < n; ++i) xc[i] = Clip(xb[i], clip_lo, clip_hi);
       {
         const int k = levels - 1;
         const float s = grid.step[k], lo = grid.code_lo[k], hi = grid.code_hi[k], m = scale[k];
@@ -156,49 +183,28 @@ class BbitsQuantizeGradOp : public OpKernel {
     float* dout = dx->flat<float>().data();
     const int levels = grid.levels;
     ForEachBlock(ctx, size, kBlock * 10 * levels, [&](int64_t begin, int64_t end) {
-      constexpr int kLanes = 16;
-      float xc[kBlock];
+      // Simple loops over one block (in L1 cache), each of which the compiler vectorizes.
+      float xc[kBlock], tmp[kBlock];
       const int64_t n = end - begin;
-      const float* gb = gin + begin;
-      const float* xb = xin + begin;
+      const float* __restrict gb = gin + begin;
+      const float* __restrict xb = xin + begin;
+      float* __restrict db = dout + begin;
       double* part = partial.data() + (begin / kBlock) * n_sums;
-      float acc_x[kLanes] = {0}, acc_up[kLanes] = {0}, acc_down[kLanes] = {0};
+      const float hi = grid.hi, lo = grid.lo, scale = total;
+      for (int64_t i = 0; i < n; ++i) xc[i] = Clip(xb[i], lo, hi);
       for (int64_t i = 0; i < n; ++i) {
-        const float v = xb[i];
-        xc[i] = Clip(v, grid.lo, grid.hi);
-        const bool inside = v <= grid.hi && v >= grid.lo;
-        dout[begin + i] = inside ? gb[i] * total : 0.0f;
+        const float v = gb[i] * scale;
+        db[i] = ((xb[i] <= hi) & (xb[i] >= lo)) ? v : 0.0f;
       }
-      int64_t i = 0;
-      for (; i + kLanes <= n; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-          const float v = xb[i + l], gv = gb[i + l];
-          acc_x[l] += gv * xc[i + l];
-          acc_up[l] += v > grid.hi ? gv : 0.0f;
-          acc_down[l] += v < grid.lo ? gv : 0.0f;
-        }
-      }
-      double sx = 0, su = 0, sd = 0;
-      for (; i < n; ++i) {
-        const float v = xb[i], gv = gb[i];
-        sx += gv * xc[i];
-        su += v > grid.hi ? gv : 0.0f;
-        sd += v < grid.lo ? gv : 0.0f;
-      }
-      for (int l = 0; l < kLanes; ++l) { sx += acc_x[l]; su += acc_up[l]; sd += acc_down[l]; }
-      part[n_levels] = sx;
-      part[n_levels + 1] = su;
-      part[n_levels + 2] = sd;
+      part[n_levels] = Dot(gb, xc, n);
+      for (int64_t i = 0; i < n; ++i) tmp[i] = xb[i] > hi ? gb[i] : 0.0f;
+      part[n_levels + 1] = Sum(tmp, n);
+      for (int64_t i = 0; i < n; ++i) tmp[i] = xb[i] < lo ? gb[i] : 0.0f;
+      part[n_levels + 2] = Sum(tmp, n);
       for (int k = 0; k < levels; ++k) {
-        const float s = grid.step[k], lo = grid.code_lo[k], hi = grid.code_hi[k];
-        float acc[kLanes] = {0};
-        int64_t j = 0;
-        for (; j + kLanes <= n; j += kLanes)
-          for (int l = 0; l < kLanes; ++l) acc[l] += gb[j + l] * Code(xc[j + l], s, lo, hi);
-        double sr = 0;
-        for (; j < n; ++j) sr += gb[j] * Code(xc[j], s, lo, hi);
-        for (int l = 0; l < kLanes; ++l) sr += acc[l];
-        part[k] = sr;
+        const float s = grid.step[k], clo = grid.code_lo[k], chi = grid.code_hi[k];
+        for (int64_t i = 0; i < n; ++i) tmp[i] = Code(xc[i], s, clo, chi);
+        part[k] = Dot(gb, tmp, n);
       }
     });
     auto out = sums->flat<float>();
