@@ -164,6 +164,15 @@ def enabled():
 
 
 @_plain_python
+def in_xla_context():
+    """Whether the graph being built now is compiled by XLA (``jit_compile=True``), which has no kernel for the op:
+    there ``ops.quantize`` builds the TensorFlow-graph path."""
+    from tensorflow.python.ops import control_flow_util  # pylint: disable=import-outside-toplevel
+
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+@_plain_python
 def status():
     """Plain data: whether the op is used, the library's path, its build time this process, why not."""
     return {"enabled": enabled(), "path": _state["path"], "build_s": _state["build_s"], "reason": _state["reason"],

@@ -156,7 +156,7 @@ def quantize(x, x_max, signed, bit_widths, z_bits=None, alive=None):
     x_max = tf.maximum(tf.cast(x_max, tf.float32), MIN_X_MAX)
     x = tf.convert_to_tensor(tf.cast(x, tf.float32))
     coefs, on = level_weights(z_bits, alive, len(bit_widths) - 1)
-    if kernels.enabled():
+    if kernels.enabled() and not kernels.in_xla_context():
         return _kernel_quantize(x, x_max, coefs, bool(signed), tuple(bit_widths), alive)
     return _fused_quantize(x, x_max, coefs, bool(signed), tuple(bit_widths), on)
 

@@ -7,7 +7,8 @@ Both variants go through ``bbits_tf.training.train`` (the same data pipeline, th
 optimizers, evaluation on the 10,000 test images after every epoch, the per-epoch line and its callbacks), each
 for two epochs on a model built from the same float LeNet5: epoch 1 includes tracing the train and test steps,
 epoch 2 is the steady state. ``tfmot_8bit`` is ``training.build_method("tfmot_w8a8")`` (tfmot's default 8-bit
-QAT); ``bbits_tf`` is ``build_method("bb")`` with the default recipe (every gate at its initial 8 bits, mu 0.1).
+QAT); ``bbits_tf`` is ``build_method("bb")`` with the default recipe (every gate at its initial 8 bits, mu 0.1);
+``bbits_tf (graph quantizer)`` the same without the fused quantizer op (``bbits_tf.kernels``).
 The variants alternate for ``--rounds`` rounds so that machine noise hits both; the medians and their ratio go to
 ``benchmarks/results/epoch.json`` with every epoch's time. Wall time is measured around each epoch (Keras'
 ``on_epoch_begin`` to ``on_epoch_end``, evaluation included) and around each whole ``train`` call.
@@ -26,10 +27,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import tensorflow as tf  # noqa: E402
 
 import bbits_tf  # noqa: E402
-from bbits_tf import data as data_lib, models, training  # noqa: E402
+from bbits_tf import data as data_lib, kernels, models, training  # noqa: E402
 from bbits_tf._keras import keras  # noqa: E402
 
-VARIANTS = {"tfmot_8bit": "tfmot_w8a8", "bbits_tf": "bb"}
+GRAPH = "bbits_tf (graph quantizer)"
+# name -> (training method, fused quantizer op on); GRAPH is bbits_tf without the op (a machine without a compiler)
+VARIANTS = {"tfmot_8bit": ("tfmot_w8a8", True), "bbits_tf": ("bb", True), GRAPH: ("bb", False)}
 SMOKE = {"train_limit": 512, "rounds": 1}
 
 
@@ -47,14 +50,19 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def one_variant(method, data, recipe, seed):
-    """``(per-epoch seconds, whole train call seconds)`` of two epochs of ``method`` on a fresh LeNet5."""
+def one_variant(method, data, recipe, seed, use_op=True):
+    """``(per-epoch seconds, whole train call seconds)`` of two epochs of ``method`` on a fresh LeNet5, traced
+    with the fused quantizer op on or off."""
     keras.utils.set_random_seed(seed)
     model = training.build_method(method, models.lenet5(), recipe, input_range=(0.0, 1.0))
     timer = EpochTimer()
     start = time.perf_counter()
-    training.train(model, recipe, data, callbacks=[timer], verbose=0, seed=seed, print_fn=None,
-                   relative_bops=None if bbits_tf.bayesian_bits_quantizers(model) else 6.25)
+    kernels.set_enabled(use_op)
+    try:
+        training.train(model, recipe, data, callbacks=[timer], verbose=0, seed=seed, print_fn=None,
+                       relative_bops=None if bbits_tf.bayesian_bits_quantizers(model) else 6.25)
+    finally:
+        kernels.set_enabled(None)
     return timer.seconds, time.perf_counter() - start
 
 
@@ -77,8 +85,8 @@ def main(argv=None):
     epochs = {name: [] for name in VARIANTS}
     calls = {name: [] for name in VARIANTS}
     for round_index in range(args.rounds):
-        for name, method in VARIANTS.items():
-            seconds, call = one_variant(method, data, recipe, args.seed)
+        for name, (method, use_op) in VARIANTS.items():
+            seconds, call = one_variant(method, data, recipe, args.seed, use_op)
             epochs[name].append(seconds)
             calls[name].append(call)
             print(f"round {round_index + 1}/{args.rounds} {name:11s} epochs " +
@@ -96,13 +104,16 @@ def main(argv=None):
         "median_first_epoch_s": first, "median_steady_epoch_s": steady,
         "ratio_first_epoch": first["bbits_tf"] / first["tfmot_8bit"],
         "ratio_steady_epoch": steady["bbits_tf"] / steady["tfmot_8bit"],
+        "ratio_steady_epoch_to_graph_quantizer": steady["bbits_tf"] / steady[GRAPH],
+        "fused_op": kernels.status(),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
     print(f"first epoch (tracing): bbits_tf {first['bbits_tf']:.1f} s, tfmot {first['tfmot_8bit']:.1f} s, "
           f"x{result['ratio_first_epoch']:.2f}; steady epoch: bbits_tf {steady['bbits_tf']:.1f} s, "
-          f"tfmot {steady['tfmot_8bit']:.1f} s, x{result['ratio_steady_epoch']:.2f}")
+          f"tfmot {steady['tfmot_8bit']:.1f} s, x{result['ratio_steady_epoch']:.2f}; without the fused op "
+          f"{steady[GRAPH]:.1f} s")
     print(f"wrote {args.output}")
     return result
 

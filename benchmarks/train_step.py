@@ -9,12 +9,15 @@ Usage: python benchmarks/train_step.py [--model lenet5] [--steps 30] [--trained 
 Models (``--model``):
 
 * ``lenet5`` (default): ``bbits_tf.models.lenet5`` on a fixed MNIST batch of 128; variants float, tfmot_8bit,
-  bbits_tf (mu 0.1), bbits_tf with TensorFlow's traced quantizer gradient, and a trained model (``--trained``).
+  bbits_tf (mu 0.1, with the fused quantizer op where it is on), the same without the op ("graph quantizer":
+  what a machine without a compiler runs), bbits_tf with TensorFlow's traced quantizer gradient, and a trained
+  model (``--trained``).
 * ``mobilenet_v2``: tf_keras ``applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
   classes=10, classifier_activation=None)`` on a fixed batch of 64 MNIST images padded to 32x32 with the channel
   repeated three times (``mnist_32x32x3``); variants float, tfmot_8bit (``tfmot.quantization.keras.quantize_model``)
   and bbits_tf (``bbits_tf.quantize_model``, mu 0.01, BatchNorm folded: in training each folded unit computes its
-  convolution twice, once for the batch statistics and once with the quantized folded kernel). If tfmot cannot
+  convolution twice, once for the batch statistics and once with the quantized folded kernel), and the same without
+  the fused op. If tfmot cannot
   quantize the model, its error is written in the JSON (``errors``) and the ratios to it are null.
 
 Each variant is compiled with Adam and sparse cross-entropy and trained on the same fixed batch; the median of

@@ -86,7 +86,10 @@ def test_train_step_smoke_lenet5_keeps_its_variants(tmp_path):
     out = tmp_path / "train_step.json"
     stdout = _run("train_step.py", "--smoke", "--output", str(out))
     result = json.loads(out.read_text())
-    _check_train_step(result, ["float", "tfmot_8bit", "bbits_tf", "bbits_tf (traced grad)"], steps=2)
+    # The graph-quantizer variant (the op off) is timed where the fused op is on, as on this machine.
+    assert result["fused_op"]["enabled"] is True
+    _check_train_step(result, ["float", "tfmot_8bit", "bbits_tf", "bbits_tf (graph quantizer)",
+                               "bbits_tf (traced grad)"], steps=2)
     assert result["model"] == "lenet5" and result["batch_size"] == 128 and "LeNet5" in result["what"]
     assert "x1.00 of tfmot 8-bit" in stdout
 
@@ -96,7 +99,7 @@ def test_train_step_smoke_mobilenet_v2(tmp_path):
     out = tmp_path / "train_step_mobilenet_v2.json"
     _run("train_step.py", "--model", "mobilenet_v2", "--smoke", "--output", str(out))
     result = json.loads(out.read_text())
-    _check_train_step(result, ["float", "tfmot_8bit", "bbits_tf"], steps=2)
+    _check_train_step(result, ["float", "tfmot_8bit", "bbits_tf", "bbits_tf (graph quantizer)"], steps=2)
     assert result["model"] == "mobilenet_v2" and result["batch_size"] == 64 and result["smoke"] is True
 
 
@@ -149,11 +152,14 @@ def test_epoch_benchmark_smoke(tmp_path):
     stdout = _run("epoch.py", "--smoke", "--output", str(out))
     result = json.loads(out.read_text())
     assert result["train_images"] == 512 and result["rounds"] == 1 and result["smoke"] is True
-    for name in ("tfmot_8bit", "bbits_tf"):
+    for name in ("tfmot_8bit", "bbits_tf", "bbits_tf (graph quantizer)"):
         (seconds,) = result["epoch_s"][name]  # one round of two epochs
         assert len(seconds) == 2 and all(s > 0 for s in seconds)
         assert result["median_steady_epoch_s"][name] == seconds[1]
         assert result["train_call_s"][name][0] >= sum(seconds)
     assert result["ratio_steady_epoch"] == pytest.approx(
         result["median_steady_epoch_s"]["bbits_tf"] / result["median_steady_epoch_s"]["tfmot_8bit"])
+    assert result["ratio_steady_epoch_to_graph_quantizer"] == pytest.approx(
+        result["median_steady_epoch_s"]["bbits_tf"] / result["median_steady_epoch_s"]["bbits_tf (graph quantizer)"])
+    assert result["fused_op"]["enabled"] is True
     assert "steady epoch" in stdout

@@ -213,3 +213,28 @@ def test_the_switch_turns_the_op_off_and_bad_values_are_rejected(monkeypatch):
         kernels.enabled()
     monkeypatch.setenv(kernels.ENV_SWITCH, "1")
     assert kernels.enabled() is True
+
+
+def test_functions_compiled_by_xla_take_the_graph_path():
+    # XLA has no kernel for the op: inside jit_compile=True the TensorFlow-graph quantizer is built instead.
+    x = tf.constant(np.linspace(-2, 2, 101).astype(np.float32))
+    z = tf.constant([0.9, 0.6, 0.0, 0.0])
+
+    @tf.function(jit_compile=True)
+    def compiled(x_max):
+        with tf.GradientTape() as tape:
+            tape.watch(x_max)
+            out = ops.quantize(x, x_max, True, CHAIN, z)
+            loss = tf.reduce_sum(out * x)
+        return out, tape.gradient(loss, x_max)
+
+    with tf.GradientTape() as tape:
+        x_max = tf.constant(1.5)
+        tape.watch(x_max)
+        eager = ops.quantize(x, x_max, True, CHAIN, z)
+        loss = tf.reduce_sum(eager * x)
+    want = tape.gradient(loss, x_max)
+    got, got_grad = compiled(tf.constant(1.5))
+    # XLA fuses the graph's multiply-adds (float32 rounding differs in the last bit), the values are the same
+    np.testing.assert_allclose(got.numpy(), eager.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_grad.numpy(), want.numpy(), rtol=1e-5)
