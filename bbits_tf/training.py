@@ -247,11 +247,16 @@ def make_optimizer(model, recipe, steps_per_epoch):
 
 def _as_datasets(data, batch_size, test_batch_size, seed, train_map=None):
     (x_train, y_train), (x_test, y_test) = data
-    train = data_lib.make_dataset(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed)
+    # One iterator for the whole fit (repeat + steps_per_epoch): no pipeline rebuilt between epochs. Keras' fit on
+    # a finite dataset makes an iterator it never uses and starts on the next one, so its first epoch is the
+    # seed's second shuffle: skipping one epoch keeps the batches every run saw before (tests/test_training.py).
+    steps = math.ceil(len(x_train) / batch_size)
+    train = data_lib.make_dataset(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed,
+                                  repeat=True).skip(steps)
     if train_map is not None:
         train = train.map(train_map).prefetch(tf.data.AUTOTUNE)  # sequential: random draws keep their order
     test = data_lib.make_dataset(x_test, y_test, batch_size=test_batch_size)
-    return train, test, math.ceil(len(x_train) / batch_size)
+    return train, test, steps
 
 
 def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch_size=1000, print_fn=print,
@@ -330,8 +335,8 @@ def train(model, recipe, data, *, callbacks=(), verbose=1, seed=None, test_batch
             checkpoint_config=checkpoint_config, checkpoint_extra=checkpoint_extra, resume=resume, phase=phase,
             epoch_offset=epoch_offset, total_epochs=total_epochs or recipe.epochs + epoch_offset, print_fn=print_fn)
         all_callbacks.append(checkpointer)  # last: it saves what the others did with the epoch
-    history = model.fit(train_ds, epochs=recipe.epochs, initial_epoch=initial_epoch, validation_data=test_ds,
-                        callbacks=all_callbacks, verbose=verbose)
+    history = model.fit(train_ds, epochs=recipe.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+                        validation_data=test_ds, callbacks=all_callbacks, verbose=verbose)
     return history, logger, bit_widths
 
 

@@ -227,3 +227,21 @@ def test_check_finite_names_the_first_bad_example():
     x[4, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="2 example\\(s\\); the first is example 3"):
         check_finite(x, "x_train")
+
+
+def test_a_repeated_dataset_gives_each_epoch_the_batches_of_a_new_iterator():
+    # training.train feeds fit one repeated iterator (no pipeline rebuilt between epochs); its epochs must be the
+    # batches, in the order, that a new iterator per epoch gives (what a run made before it saw).
+    x = np.arange(1000, dtype=np.float32).reshape(1000, 1)
+    y = np.arange(1000) % 10
+    per_epoch = make_dataset(x, y, batch_size=128, shuffle=True, seed=3)
+    repeated = iter(make_dataset(x, y, batch_size=128, shuffle=True, seed=3, repeat=True))
+    steps = 8  # 7 full batches and one of 104
+    orders = []
+    for _ in range(3):
+        fresh = [b[0].numpy()[:, 0] for b in per_epoch]
+        again = [next(repeated)[0].numpy()[:, 0] for _ in range(steps)]
+        assert [len(b) for b in fresh] == [len(b) for b in again] == [128] * 7 + [104]
+        np.testing.assert_array_equal(np.concatenate(fresh), np.concatenate(again))
+        orders.append(np.concatenate(fresh))
+    assert sorted(orders[0]) == list(range(1000)) and not np.array_equal(orders[0], orders[1])  # reshuffled
