@@ -116,7 +116,7 @@ def environments(runs):
         else:
             versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
             op = env.get("fused_quantizer_op")
-            fused = "not recorded" if op is None else ("on" if op["enabled"] else "off")
+            fused = "off (a run from before the op)" if op is None else ("on" if op["enabled"] else "off")
             key = (f"threads {env['threads'] or 'all'}, deterministic {env['deterministic']}, {env['machine']}, "
                    f"fused quantizer op {fused}; {versions}")
         found.setdefault(key, []).append(name)
