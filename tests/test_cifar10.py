@@ -317,7 +317,8 @@ def test_augmentation_maps_the_training_batches_only():
     x, y = rng.normal(size=(10, 32, 32, 3)).astype(np.float32), np.arange(10)
     # training.train(train_map=...) builds its pipelines here
     train, test, steps = training._as_datasets(((x, y), (x, y)), 4, 5, 0, train_map=cifar10.augmentation(seed=0))
-    epochs = [[b for b in train.as_numpy_iterator()] for _ in range(2)]
+    batches = train.as_numpy_iterator()  # repeats without end: fit takes `steps` batches per epoch
+    epochs = [[next(batches) for _ in range(steps)] for _ in range(2)]
     test_batches = list(test.as_numpy_iterator())
     assert steps == 3 and [len(b[0]) for b in epochs[0]] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate([b[0] for b in test_batches]), x)  # test set untouched
