@@ -16,6 +16,7 @@ Switch: ``BBITS_TF_FUSED_OP=0`` (or ``set_enabled(False)``, before a model's tra
 TensorFlow-graph path; ``BBITS_TF_FUSED_OP=require`` raises instead of falling back. The op has a CPU kernel
 only: where TensorFlow sees a GPU the graph path runs.
 """
+import functools
 import hashlib
 import os
 import platform
@@ -69,8 +70,10 @@ def _cpu_flags():
 
 
 @_plain_python
+@functools.lru_cache(maxsize=None)
 def library_path(cxx):
-    """The cached library's path for this source, TensorFlow, compiler and CPU."""
+    """The cached library's path for this source, TensorFlow, compiler and CPU (asks the compiler its version
+    once per process)."""
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout

@@ -4,8 +4,10 @@ import hashlib
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from bbits_tf import data
+from bbits_tf import data, training
+from bbits_tf._keras import keras
 from bbits_tf.data import MNIST_DIR, load_mnist, make_dataset, read_idx
 
 # From /work/shared/data/README.md (the copy shipped in bbits_tf/datasets/mnist).
@@ -245,3 +247,41 @@ def test_a_repeated_dataset_gives_each_epoch_the_batches_of_a_new_iterator():
         np.testing.assert_array_equal(np.concatenate(fresh), np.concatenate(again))
         orders.append(np.concatenate(fresh))
     assert sorted(orders[0]) == list(range(1000)) and not np.array_equal(orders[0], orders[1])  # reshuffled
+
+class _BatchRecorder(keras.Model):
+    """Trains nothing; logs a fingerprint of every batch's labels (their order included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def train_step(self, batch):
+        _, y = batch
+        weights = tf.range(1, tf.shape(y)[0] + 1, dtype=tf.float32)
+        return {"fingerprint": tf.reduce_sum(tf.cast(y, tf.float32) * weights)}
+
+
+def test_train_feeds_fit_the_batches_of_a_new_iterator_per_epoch():
+    # training.train gives fit one repeated iterator (no pipeline torn down between epochs); every epoch must see
+    # the batches that fit on the plain shuffled dataset sees, so runs made before it repeat bit for bit.
+    x = np.arange(1000, dtype=np.float32).reshape(1000, 1)
+    y = np.arange(1000)
+    prints = {}
+    for kind in ("per_epoch", "train"):
+        keras.utils.set_random_seed(0)
+        model = _BatchRecorder()
+        model.compile()
+        seen = []
+        record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(float(logs["fingerprint"])))
+        if kind == "per_epoch":
+            dataset, steps = make_dataset(x, y, batch_size=128, shuffle=True, seed=5), None
+        else:
+            dataset, _, steps = training._as_datasets(((x, y), (x, y)), 128, 1000, 5)  # pylint: disable=protected-access
+        model.fit(dataset, epochs=3, steps_per_epoch=steps, callbacks=[record], verbose=0)
+        prints[kind] = seen
+    assert len(prints["train"]) == 3 * 8
+    assert prints["train"] == prints["per_epoch"]
+    assert prints["train"][:8] != prints["train"][8:16]  # reshuffled every epoch

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import bbits_tf
-from bbits_tf import data as data_lib, models, training
+from bbits_tf import models, training
 from bbits_tf._keras import keras, tfmot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -588,41 +588,3 @@ def test_recipe_rejects_non_finite_and_mistyped_values():
     assert (recipe.epochs, recipe.mu) == (3, 0.5)
 
 
-
-class _BatchRecorder(keras.Model):
-    """Trains nothing; logs a fingerprint of every batch's labels (their order included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.dense = keras.layers.Dense(1)
-
-    def call(self, x):
-        return self.dense(x)
-
-    def train_step(self, batch):
-        _, y = batch
-        weights = tf.range(1, tf.shape(y)[0] + 1, dtype=tf.float32)
-        return {"fingerprint": tf.reduce_sum(tf.cast(y, tf.float32) * weights)}
-
-
-def test_train_feeds_fit_the_batches_of_a_new_iterator_per_epoch():
-    # training.train gives fit one repeated iterator (no pipeline torn down between epochs); every epoch must see
-    # the batches that fit on the plain shuffled dataset sees, so runs made before it repeat bit for bit.
-    x = np.arange(1000, dtype=np.float32).reshape(1000, 1)
-    y = np.arange(1000)
-    prints = {}
-    for kind in ("per_epoch", "train"):
-        keras.utils.set_random_seed(0)
-        model = _BatchRecorder()
-        model.compile()
-        seen = []
-        record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(float(logs["fingerprint"])))
-        if kind == "per_epoch":
-            dataset, steps = data_lib.make_dataset(x, y, batch_size=128, shuffle=True, seed=5), None
-        else:
-            dataset, _, steps = training._as_datasets(((x, y), (x, y)), 128, 1000, 5)  # pylint: disable=protected-access
-        model.fit(dataset, epochs=3, steps_per_epoch=steps, callbacks=[record], verbose=0)
-        prints[kind] = seen
-    assert len(prints["train"]) == 3 * 8
-    assert prints["train"] == prints["per_epoch"]
-    assert prints["train"][:8] != prints["train"][8:16]  # reshuffled every epoch

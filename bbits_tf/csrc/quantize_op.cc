@@ -35,8 +35,7 @@ struct Grid {
   float code_lo[kMaxLevels], code_hi[kMaxLevels];
 };
 
-Status MakeGrid(OpKernelContext* ctx, float x_max, const Tensor& alive, bool is_signed,
-                const std::vector<int32>& bits, Grid* grid) {
+Status MakeGrid(float x_max, const Tensor& alive, bool is_signed, const std::vector<int32>& bits, Grid* grid) {
   const int n = static_cast<int>(bits.size());
   if (n < 1 || n > kMaxLevels) return errors::InvalidArgument("bit_widths must have 1 to 8 entries, got ", n);
   if (alive.NumElements() != n - 1)
@@ -109,12 +108,26 @@ void ForEachBlock(OpKernelContext* ctx, int64_t size, int64_t cost_per_block,
   });
 }
 
-class BbitsQuantizeOp : public OpKernel {
+// Both kernels: the "signed" and "bit_widths" attributes and the grid they give for an x_max and alive input.
+class GridKernel : public OpKernel {
  public:
-  explicit BbitsQuantizeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit GridKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("signed", &signed_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("bit_widths", &bits_));
   }
+
+ protected:
+  Status GridFrom(OpKernelContext* ctx, int x_max_input, int alive_input, Grid* grid) const {
+    return MakeGrid(ctx->input(x_max_input).scalar<float>()(), ctx->input(alive_input), signed_, bits_, grid);
+  }
+
+  bool signed_;
+  std::vector<int32> bits_;
+};
+
+class BbitsQuantizeOp : public GridKernel {
+ public:
+  explicit BbitsQuantizeOp(OpKernelConstruction* ctx) : GridKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
@@ -122,7 +135,7 @@ class BbitsQuantizeOp : public OpKernel {
     OP_REQUIRES(ctx, coefs.NumElements() == static_cast<int64_t>(bits_.size()),
                 errors::InvalidArgument("coefs must have one entry per bit width"));
     Grid grid;
-    OP_REQUIRES_OK(ctx, MakeGrid(ctx, ctx->input(1).scalar<float>()(), ctx->input(3), signed_, bits_, &grid));
+    OP_REQUIRES_OK(ctx, GridFrom(ctx, 1, 3, &grid));
     float scale[kMaxLevels];
     auto c = coefs.flat<float>();
     for (int k = 0; k < grid.levels; ++k) scale[k] = c(k) * grid.step[k];
@@ -149,25 +162,18 @@ class BbitsQuantizeOp : public OpKernel {
       }
     });
   }
-
- private:
-  bool signed_;
-  std::vector<int32> bits_;
 };
 
-class BbitsQuantizeGradOp : public OpKernel {
+class BbitsQuantizeGradOp : public GridKernel {
  public:
-  explicit BbitsQuantizeGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("signed", &signed_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("bit_widths", &bits_));
-  }
+  explicit BbitsQuantizeGradOp(OpKernelConstruction* ctx) : GridKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& g = ctx->input(0);
     const Tensor& x = ctx->input(1);
     OP_REQUIRES(ctx, g.shape() == x.shape(), errors::InvalidArgument("g and x must have the same shape"));
     Grid grid;
-    OP_REQUIRES_OK(ctx, MakeGrid(ctx, ctx->input(2).scalar<float>()(), ctx->input(3), signed_, bits_, &grid));
+    OP_REQUIRES_OK(ctx, GridFrom(ctx, 2, 3, &grid));
     const float total = ctx->input(4).scalar<float>()();
     const int n_levels = static_cast<int>(bits_.size());
     const int n_sums = n_levels + 3;
@@ -214,10 +220,6 @@ class BbitsQuantizeGradOp : public OpKernel {
       out(k) = static_cast<float>(s);
     }
   }
-
- private:
-  bool signed_;
-  std::vector<int32> bits_;
 };
 
 }  // namespace
