@@ -29,6 +29,7 @@ FLOAT_BITS = 32
 class _Tensor:
     bits: float
     keep: np.ndarray  # per element of the last axis: 1/0 (deterministic) or keep probability (expected)
+    owner: object = None  # the (wrapper) layer whose pruning gates set these channels, if one does
 
 
 @dataclasses.dataclass
@@ -47,6 +48,7 @@ class LayerBops:
     total_in: int
     keep: float
     bops: float
+    layer: object = None  # the model's layer (the QuantizeWrapper) this row counts
 
 
 def _quantizer_state(model):
@@ -74,7 +76,7 @@ def _out_keep(entry, n_out, expected):
 def _merge(model, layer, inputs):
     """The tensor a non-MAC layer outputs (before its own output quantizer, if any)."""
     inner = graph.inner_layer(layer)
-    if isinstance(inner, keras.layers.Concatenate):
+    if isinstance(inner, keras.layers.Concatenate):  # several owners: the channels are charged to none
         return _Tensor(max(t.bits for t in inputs), np.concatenate([t.keep for t in inputs]))
     n_out = int(graph.output_shape(model, layer)[-1])
     if isinstance(inner, (keras.layers.Flatten, keras.layers.Reshape)):
@@ -83,28 +85,34 @@ def _merge(model, layer, inputs):
             return t
         positions = n_out // len(t.keep)
         if positions * len(t.keep) == n_out:  # channels last: output (h * W + w) * C + c is channel c
-            return _Tensor(t.bits, np.tile(t.keep, positions))
+            return _Tensor(t.bits, np.tile(t.keep, positions), t.owner)
         return _Tensor(t.bits, np.full(n_out, float(np.mean(t.keep))))
     if graph.is_passthrough(layer):
         return inputs[0]
     if isinstance(inner, (keras.layers.Add, keras.layers.Maximum)):
         if all(np.array_equal(t.keep, inputs[0].keep) for t in inputs):  # tied gates: one channel, one gate
-            return _Tensor(float(FLOAT_BITS), inputs[0].keep)
+            return _Tensor(float(FLOAT_BITS), inputs[0].keep, inputs[0].owner)
         keep = 1.0 - np.prod([1.0 - t.keep for t in inputs], axis=0)
         return _Tensor(float(FLOAT_BITS), keep)
     if isinstance(inner, graph.GRID_LAYERS) and len(inputs) == 1 and len(inputs[0].keep) == n_out:
-        return _Tensor(float(FLOAT_BITS), inputs[0].keep)  # pooling, activation: channel by channel
+        return _Tensor(float(FLOAT_BITS), inputs[0].keep, inputs[0].owner)  # pooling, activation: channel-wise
     return _Tensor(float(FLOAT_BITS), np.ones(n_out))
 
 
 def layer_bops(model, *, expected=False, input_bits=INPUT_BITS, fixed_bits=None):
-    """Per-layer BOP accounting of a quantized model, in graph order.
+    """Per-layer BOP accounting of a quantized model, in graph order (``LayerBops`` rows).
 
     With ``fixed_bits=(weight_bits, activation_bits)`` it counts any model (a float model, a fixed-bit baseline)
     as if every MAC layer's weights had ``weight_bits`` and every computed tensor ``activation_bits``, nothing
     pruned and the tensors that reach a model output float: the one counter for Bayesian Bits models and
     baselines alike.
     """
+    return walk(model, expected=expected, input_bits=input_bits, fixed_bits=fixed_bits)[0]
+
+
+def walk(model, *, expected=False, input_bits=INPUT_BITS, fixed_bits=None):
+    """``(layer_bops rows, {id(layer): _Tensor})``: the rows and every layer's output tensor (bits, per-channel
+    keep, owner of its pruning gates), for the deployment costs (``bbits_tf.flash``, ``bbits_tf.arena``)."""
     state = {} if fixed_bits is not None else _quantizer_state(model)
     if fixed_bits is None and not state:
         raise ValueError(
@@ -124,10 +132,10 @@ def layer_bops(model, *, expected=False, input_bits=INPUT_BITS, fixed_bits=None)
         if not graph.is_mac(layer) or (fixed_bits is None and "weight" not in roles):
             tensor = _merge(model, layer, inputs)
             if "activation" in roles:
-                tensor = _Tensor(_bits(roles["activation"], expected), tensor.keep)
+                tensor = _Tensor(_bits(roles["activation"], expected), tensor.keep, tensor.owner)
             elif fixed_bits is not None and not graph.is_passthrough(layer):
                 tensor = _Tensor(float(FLOAT_BITS if graph.feeds_output(model, layer) else fixed_bits[1]),
-                                 tensor.keep)
+                                 tensor.keep, tensor.owner)
             tensors[id(layer)] = tensor
             continue
         (t_in,) = inputs
@@ -162,10 +170,12 @@ def layer_bops(model, *, expected=False, input_bits=INPUT_BITS, fixed_bits=None)
                 total_in=len(keep_in),
                 keep=keep,
                 bops=macs * t_in.bits * w_bits * keep,
+                layer=layer,
             )
         )
-        tensors[id(layer)] = _Tensor(out_bits, keep_out)
-    return records
+        owner = layer if weight is not None and weight[0].prune else None
+        tensors[id(layer)] = _Tensor(out_bits, keep_out, owner)
+    return records, tensors
 
 
 def relative_bops(model, *, expected=False):

@@ -163,6 +163,15 @@ class BopsBudget(keras.callbacks.Callback):
         self._thresholds = [t for _, t in pairs]
         self._ramp_steps = self.ramp_fraction * (self.params.get("steps") or 0) * (self.params.get("epochs") or 0)
 
+    @property
+    def _target(self):
+        """The value the controller aims at, in the units of ``measure``."""
+        return self.target_relative_bops
+
+    def measure(self, expected=False):
+        """The controlled quantity: the relative BOPs (test-time gates, or their probabilities)."""
+        return _relative_bops(self.model, expected=expected)
+
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
@@ -172,9 +181,9 @@ class BopsBudget(keras.callbacks.Callback):
     def setpoint(self, measured):
         """The relative BOPs the controller aims at now (``measured``: the BOPs now, kept at the first call)."""
         if self._start_bops is None:
-            self._start_bops = max(measured, self.target_relative_bops)
-        ratio = self._start_bops / self.target_relative_bops
-        return self.target_relative_bops * ratio ** max(0.0, 1.0 - self._ramp_done())
+            self._start_bops = max(measured, self._target)
+        ratio = self._start_bops / self._target
+        return self._target * ratio ** max(0.0, 1.0 - self._ramp_done())
 
     def projected_bops(self):
         """Test-time relative BOPs after ``horizon_steps`` more steps at the gates' recent velocity."""
@@ -185,11 +194,11 @@ class BopsBudget(keras.callbacks.Callback):
                 0.5 * (a + b) for a, b in zip(velocity, self._velocity)]
         self._last_gates = now
         if self._velocity is None:
-            return _relative_bops(self.model)
+            return self.measure()
         try:
             for var, value, speed in zip(self._gates, now, self._velocity):
                 var.assign(value + self.horizon_steps * speed)
-            return _relative_bops(self.model)
+            return self.measure()
         finally:
             for var, value in zip(self._gates, now):
                 var.assign(value)
@@ -230,7 +239,7 @@ class BopsBudget(keras.callbacks.Callback):
                 values[i][index] = self._snapshot[i][index]
             for var, value in zip(self._gates, values):
                 var.assign(value)
-            return _relative_bops(self.model)
+            return self.measure()
 
         lo, hi = 0, len(candidates)
         while lo < hi:  # the smallest k with bops(k) >= floor (bops(len) >= floor: it is the snapshot's state)
@@ -244,9 +253,9 @@ class BopsBudget(keras.callbacks.Callback):
     def update(self):
         """Measures the BOPs and sets ``mu`` once (or freezes the gates); returns the new ``mu``."""
         projected = self.projected_bops() if self.signal == "projected" else None
-        exact = _relative_bops(self.model)
+        exact = self.measure()
         restored = 0
-        floor = self.target_relative_bops * (1.0 - self.band)
+        floor = self._target * (1.0 - self.band)
         if self.guard and exact >= floor:
             self._snapshot = [v.numpy() for v in self._gates]
         elif self.guard and self._snapshot is not None:
@@ -256,7 +265,7 @@ class BopsBudget(keras.callbacks.Callback):
                 warnings.warn("BopsBudget: the landing guard restored gates but cannot freeze them (the model's "
                               "optimizer is not a GroupedOptimizer); they will keep moving.", stacklevel=2)
             self._snapshot = None
-        expected = _relative_bops(self.model, expected=True)
+        expected = self.measure(expected=True)
         measured = {"projected": projected, "expected": expected, "deterministic": exact}[self.signal]
         setpoint = self.setpoint(measured)
         error = math.log(max(measured, 1e-12) / setpoint)
@@ -275,7 +284,7 @@ class BopsBudget(keras.callbacks.Callback):
                              "expected_relative_bops": expected, "projected_relative_bops": projected,
                              "setpoint": setpoint, "mu": mu, "restored_gates": restored})
         if (self.freeze_band is not None and self._ramp_done() >= 1.0
-                and abs(exact / self.target_relative_bops - 1.0) <= self.freeze_band):
+                and abs(exact / self._target - 1.0) <= self.freeze_band):
             self.freeze_gates()
         return mu
 
@@ -296,3 +305,97 @@ class BopsBudget(keras.callbacks.Callback):
             self.print_fn(f"BopsBudget: epoch {epoch + 1}: mu {mu:.4g}, relative BOPs {last['relative_bops']:.3f}% "
                           f"(expected {last['expected_relative_bops']:.3f}%), target {self.target_relative_bops}%"
                           f"{frozen}")
+
+
+class Budget(BopsBudget):
+    """Adapts ``mu`` so that the model ends near one or several deployment limits at once (issue 11).
+
+    Limits: ``flash_bytes`` (the exported file, ``bbits_tf.flash``), ``arena_bytes`` (TFLite Micro's tensor arena,
+    ``bbits_tf.arena``), ``relative_bops`` (percent, ``bbits_tf.relative_bops``). The controlled quantity is the
+    largest ratio of a predicted value to its limit (the binding one), with target 1: ``BopsBudget``'s PI
+    controller on ``log mu``, its ramp, its freeze band and its landing guard (which restores gates until the
+    binding ratio is back at ``1 - band``) act on that ratio. Under ``quantize_model(cost="arena")`` the prior's
+    charges are re-linearised at every update (``bbits_tf.costs.set_prior``): the operator at the arena's peak
+    moves as channels go. Which cost the prior charges is the model's (``quantize_model(cost=...)``); the budget
+    only sets ``mu``, so charge the cost you limit (a flash limit on a BOP prior lands by pruning what BOPs
+    favour, not what the file pays for).
+
+    Args:
+        flash_bytes, arena_bytes, relative_bops: the limits (``None``: not limited); at least one.
+        int4: the layers the exporter stores as INT4 (as ``tflite_export.export``'s ``int4``; default Dense).
+        **kwargs: ``BopsBudget``'s controller arguments (``signal``, ``every_n_steps``, ``kp``, ``ki``,
+            ``ramp_fraction``, ``freeze_band``, ``guard``, ...).
+
+    Attributes:
+        history: as ``BopsBudget``'s, with ``"ratio"``, ``"expected_ratio"`` and the predicted value of each limit
+            (``"flash_bytes"``, ``"arena_bytes"``, ``"relative_bops"``) at the test-time gates.
+    """
+
+    LIMITS = ("flash_bytes", "arena_bytes", "relative_bops")
+
+    def __init__(self, *, flash_bytes=None, arena_bytes=None, relative_bops=None, int4=None, **kwargs):
+        super().__init__(100.0, **kwargs)
+        limits = {"flash_bytes": flash_bytes, "arena_bytes": arena_bytes, "relative_bops": relative_bops}
+        limits = {k: checks.number(k, v, minimum=0, strict_minimum=True) for k, v in limits.items() if v is not None}
+        if not limits:
+            raise ValueError(f"`Budget` needs at least one limit: {', '.join(self.LIMITS)}. Received: none")
+        if "relative_bops" in limits and limits["relative_bops"] > 100:
+            raise ValueError("`relative_bops` is a percentage of the FP32 BOPs and must be in (0, 100]. "
+                             f"Received: relative_bops={limits['relative_bops']!r}")
+        self.limits = {k: float(v) for k, v in limits.items()}
+        self.int4 = int4
+
+    def get_config(self):
+        config = super().get_config()
+        del config["target_relative_bops"]
+        return {**config, **self.limits, "int4": self.int4}
+
+    @property
+    def _target(self):
+        return 1.0
+
+    def predict(self, expected=False):
+        """``{limit name: predicted value}`` of the model now."""
+        from bbits_tf import arena, flash  # pylint: disable=import-outside-toplevel
+        int4 = flash_default(self.int4)
+        found = {}
+        if "flash_bytes" in self.limits:
+            found["flash_bytes"] = flash.flash_bytes(self.model, expected=expected, int4=int4)
+        if "arena_bytes" in self.limits:
+            found["arena_bytes"] = arena.arena_bytes(self.model, expected=expected, int4=int4)
+        if "relative_bops" in self.limits:
+            found["relative_bops"] = _relative_bops(self.model, expected=expected)
+        return found
+
+    def measure(self, expected=False):
+        """The binding ratio: the largest predicted value over its limit."""
+        return max(value / self.limits[key] for key, value in self.predict(expected).items())
+
+    def update(self):
+        from bbits_tf import costs  # pylint: disable=import-outside-toplevel
+        if costs.model_cost(self.model) == "arena":
+            costs.set_prior(self.model, int4=flash_default(self.int4))
+        mu = super().update()
+        record = self.history[-1]
+        record["ratio"] = record.pop("relative_bops")
+        record["expected_ratio"] = record.pop("expected_relative_bops")
+        record["projected_ratio"] = record.pop("projected_relative_bops")
+        record.update(self.predict())
+        return mu
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._active:
+            return
+        mu = get_mu(self.model)
+        if logs is not None:
+            logs["mu"] = mu
+        if self.print_fn is not None and self.history:
+            last = self.history[-1]
+            values = ", ".join(f"{k} {last[k]:,.4g} (limit {v:,.4g})" for k, v in self.limits.items())
+            frozen = f", gates frozen at step {self.frozen_at_step}" if self.frozen_at_step is not None else ""
+            self.print_fn(f"Budget: epoch {epoch + 1}: mu {mu:.4g}, {values}{frozen}")
+
+
+def flash_default(int4):
+    from bbits_tf import flash  # pylint: disable=import-outside-toplevel
+    return flash.DEFAULT_INT4 if int4 is None else int4

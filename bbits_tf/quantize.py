@@ -166,12 +166,13 @@ def quantize_model(
     *,
     mu=0.1,
     prune=True,
-    bit_widths=(2, 4, 8, 16, 32),
+    bit_widths=None,
     init_log_alpha=None,
     gate="hard_concrete",
     mask_bias=True,
     fixed_weight_bits=None,
     input_range=None,
+    cost="bops",
 ):
     """Returns a Bayesian Bits quantization-aware copy of a Sequential or Functional tf_keras model.
 
@@ -200,7 +201,9 @@ def quantize_model(
         model: a built Sequential or Functional tf_keras model.
         mu: regularizer strength; change it later with ``bbits_tf.set_mu``.
         prune: per-output-channel pruning gates on weight quantizers (never on the last layer).
-        bit_widths: chain of doubling bit widths every quantizer can choose from.
+        bit_widths: chain of doubling bit widths every quantizer can choose from; ``None``: ``(2, 4, 8, 16, 32)``
+            (the paper) with ``cost="bops"``, ``(2, 4, 8)`` with a deployment cost (the int8 file carries 16- and
+            32-bit tensors as 8 bits, so a deployment cost could not tell them apart).
         init_log_alpha: initial ``log_alpha`` of the gates for ``bit_widths[1:]``, one value each; ``None``
             takes ``bbits_tf.gates.DEFAULT_INIT_LOG_ALPHA`` (6, 6, -6, -6), cut to the chain's length: every
             tensor starts at 8 bits (the MNIST recipe); ``(6, 6, 6, 6)`` starts at 32 (the CIFAR recipe).
@@ -212,6 +215,10 @@ def quantize_model(
             ``input_range``; ``(0, 1)`` for images scaled to [0, 1]): the layers that read it add in inference the
             bias the file stores, on its grid ``(hi - lo) / 255`` times their weight step (``bias_on_grid``).
             ``None``: they keep their float bias, which the file rounds.
+        cost: what the prior charges (``bbits_tf.costs``): ``"bops"`` (spec section 4), ``"flash"`` (the bytes
+            of the exported file, ``bbits_tf.flash``) or ``"arena"`` (TFLite Micro's tensor arena,
+            ``bbits_tf.arena``). A deployment cost is scaled to equal the BOP prior at quantization, so ``mu``
+            keeps its meaning at the start.
 
     Returns:
         The quantized model.
@@ -224,6 +231,10 @@ def quantize_model(
     mu = checks.number("mu", mu, minimum=0)
     prune = checks.boolean("prune", prune)
     mask_bias = checks.boolean("mask_bias", mask_bias)
+    from bbits_tf import costs as costs_lib  # pylint: disable=import-outside-toplevel  (costs reads quantize)
+    cost = costs_lib.check_cost(cost)
+    if bit_widths is None:
+        bit_widths = (2, 4, 8, 16, 32) if cost == "bops" else (2, 4, 8)
     bit_widths = validate_bit_widths(bit_widths)
     if init_log_alpha is None:
         init_log_alpha = DEFAULT_INIT_LOG_ALPHA[: len(bit_widths) - 1]
@@ -257,7 +268,7 @@ def quantize_model(
     sites = _activation_sites(model, units)
     groups = graph.prune_groups(model, units) if prune else None
 
-    common = dict(gate=gate, mu=mu, mask_bias=mask_bias)
+    common = dict(gate=gate, mu=mu, mask_bias=mask_bias, cost=cost)
     registry = BayesianBitsQuantizeScheme(**common).get_quantize_registry()
 
     def activation_kwargs(name):
@@ -310,6 +321,8 @@ def quantize_model(
     quantized.bbits_report = report
     logger.info(report.format())
     bayesian_bits_quantizers(quantized)  # links tied pruning gates and each kernel quantizer to its input grid
+    if cost != "bops":
+        costs_lib.set_prior(quantized, cost)
     return quantized
 
 

@@ -10,6 +10,8 @@ _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
 
 # Placeholder range before the first call sets it from the data (spec 1.5).
 _PLACEHOLDER_X_MAX = 10.0
+# What the regularizer charges (spec section 4 for "bops"; bbits_tf.costs for the deployment costs).
+COSTS = ("bops", "flash", "arena")
 # A batch whose range (max |x|, or max x when unsigned) is not above this does not initialise the range.
 MIN_INIT_X_MAX = 1e-6
 
@@ -118,6 +120,11 @@ class BayesianBitsQuantizer(_Quantizer):
         otherwise: R = 1 + c * (b1 q1 + b2 q1 q2 + ...)
 
     where ``c = mac_weight`` (this tensor's share of the largest layer's MACs; ``None`` charges 1 per level).
+    With a deployment ``cost`` (``"flash"``, ``"arena"``) the level costs ``c * b`` (and the constant 1) are the
+    entries of a non-trainable ``level_costs`` variable that ``bbits_tf.costs.set_prior`` assigns::
+
+        prune:     R = mean_c(q2_c) * (l_0 + l_1 q1 + l_2 q1 q2 + ...)
+        otherwise: R = l_0 + l_1 q1 + l_2 q1 q2 + ...
 
     Args:
         bit_widths: chain of doubling bit widths; ``(8,)`` is a fixed 8-bit quantizer.
@@ -132,6 +139,8 @@ class BayesianBitsQuantizer(_Quantizer):
         mu: initial regularizer strength; it lives in a variable that ``bbits_tf.set_mu`` changes.
         input_step: for the kernel quantizer of a layer that reads the model input: the step of that input's
             8-bit grid in the exported file (``quantize_model(input_range=...)``), for ``bias_on_grid``.
+        cost: what the regularizer charges: ``"bops"`` (spec section 4) or a deployment cost (``"flash"``,
+            ``"arena"``) whose per-level charges live in the ``level_costs`` variable (``bbits_tf.costs``).
         gates_from: with ``prune``, the name of the layer whose weight quantizer owns this quantizer's pruning
             gates (tied gates, ``bbits_tf.graph.prune_groups``): no ``log_alpha_2`` of its own; it uses the
             leader's variable (found in the model when first needed). A leader's gates of shape ``(C,)`` cover a
@@ -153,6 +162,7 @@ class BayesianBitsQuantizer(_Quantizer):
         mu=0.0,
         gates_from=None,
         input_step=None,
+        cost="bops",
     ):
         self.bit_widths = ops.validate_bit_widths(bit_widths)
         if isinstance(init_log_alpha, (int, float)) or init_log_alpha is None:
@@ -176,6 +186,9 @@ class BayesianBitsQuantizer(_Quantizer):
         self.gates_from = gates_from
         self.input_step = (None if input_step is None
                            else checks.number("input_step", input_step, minimum=0, strict_minimum=True))
+        if cost not in COSTS:
+            raise ValueError(f"`cost` must be one of {COSTS}. Received: cost={cost!r}")
+        self.cost = cost
         self._bias = None
         self._channel_shape = None
         # (quantizer, variables) of the activation quantizer that produces the layer's input: its grid step times
@@ -224,6 +237,10 @@ class BayesianBitsQuantizer(_Quantizer):
                 shape=channel_shape,
                 initializer=keras.initializers.Constant(gates_lib.PRUNE_INIT_LOG_ALPHA),
                 trainable=True,
+            )
+        if self.cost != "bops":  # the deployment cost of each level (bbits_tf.costs.set_prior assigns it)
+            weights["level_costs"] = add(
+                f"{name}_level_costs", shape=(len(self.bit_widths),), initializer="zeros", trainable=False
             )
         inner = getattr(layer, "layer", None)
         if name != "output" and getattr(inner, "use_bias", False):  # a kernel's quantizer (tfmot names outputs so)
@@ -401,7 +418,10 @@ class BayesianBitsQuantizer(_Quantizer):
             q = tf.unstack(kind.prob_nonzero(weights["log_alpha"]), num=self.num_gates)
         else:
             q = []
-        costs = [1.0 if self.mac_weight is None else self.mac_weight * b for b in self.bit_widths]
+        if "level_costs" in weights:  # a deployment cost (bbits_tf.costs): every level, the base too, in its variable
+            costs = tf.unstack(weights["level_costs"], num=len(self.bit_widths))
+        else:
+            costs = [1.0 if self.mac_weight is None else self.mac_weight * b for b in self.bit_widths]
         chain, reach = 0.0, 1.0
         for q_n, cost in zip(q, costs[1:]):
             reach = reach * q_n
@@ -410,7 +430,7 @@ class BayesianBitsQuantizer(_Quantizer):
             kind = gates_lib.get_gate_kind(self.gate)
             keep = tf.reduce_mean(kind.prob_nonzero(self.gate_variable(weights)))
             return keep * (costs[0] + chain)
-        return 1.0 + chain
+        return (costs[0] if "level_costs" in weights else 1.0) + chain
 
     def get_config(self):
         return {
@@ -425,6 +445,7 @@ class BayesianBitsQuantizer(_Quantizer):
             "mu": self.mu,
             "gates_from": self.gates_from,
             "input_step": self.input_step,
+            "cost": self.cost,
         }
 
     @classmethod
@@ -454,6 +475,17 @@ class BayesianBitsQuantizer(_Quantizer):
         kind = gates_lib.get_gate_kind(self.gate)
         q = (kind.prob_nonzero(log_alpha) * gates_lib.truncation_mask(log_alpha)).numpy()
         return float(ops.expected_bits(q, self.bit_widths))
+
+    def bit_width_probs(self, weights, expected=True):
+        """``{bits: probability}`` of the bit width: the chain's distribution from the gates' keep probabilities
+        (truncation applied), or ``{bit_width: 1.0}`` at the deterministic gates (``expected=False``)."""
+        if not expected or not self.num_gates:
+            return {int(self.bit_width(weights)): 1.0}
+        log_alpha = tf.convert_to_tensor(weights["log_alpha"])
+        kind = gates_lib.get_gate_kind(self.gate)
+        q = (kind.prob_nonzero(log_alpha) * gates_lib.truncation_mask(log_alpha)).numpy()
+        reach = np.concatenate([[1.0], np.cumprod(q), [0.0]])
+        return {int(b): float(reach[j] - reach[j + 1]) for j, b in enumerate(self.bit_widths)}
 
     def channel_mask(self, weights):
         """Deterministic kept-channel mask, flat, as floats (all ones without pruning)."""

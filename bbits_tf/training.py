@@ -165,11 +165,14 @@ def get_recipe(recipe="fast", **overrides):
     return recipe.replace(**overrides)
 
 
-def build_method(method, model, recipe, input_range=None):
-    """The model to train for ``method`` (one of ``METHODS``) from the float ``model``; ``input_range`` goes to
-    ``quantize_model`` (Bayesian Bits methods)."""
+def build_method(method, model, recipe, input_range=None, cost="bops"):
+    """The model to train for ``method`` (one of ``METHODS``) from the float ``model``; ``input_range`` and
+    ``cost`` go to ``quantize_model`` (Bayesian Bits methods). Under a deployment cost the recipe's bit widths stop
+    at 8 (``quantize_model``'s ``bit_widths``: the int8 file carries wider ones as 8 bits)."""
     if method in ABLATIONS:
-        kwargs = dict(mu=recipe.mu, bit_widths=recipe.bit_widths, mask_bias=recipe.mask_bias, input_range=input_range)
+        bit_widths = recipe.bit_widths if cost == "bops" else tuple(b for b in recipe.bit_widths if b <= 8)
+        kwargs = dict(mu=recipe.mu, bit_widths=bit_widths, mask_bias=recipe.mask_bias, input_range=input_range,
+                      cost=cost)
         kwargs.update(ABLATIONS[method])
         kwargs["init_log_alpha"] = recipe.init_log_alpha[: len(kwargs["bit_widths"]) - 1]
         return quantize_model(model, **kwargs)
@@ -378,7 +381,7 @@ class TrainingRun:
 
 def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1, print_fn=print, log_dir=None,
         bit_width_every=None, callbacks=(), guard_non_finite=True, checkpoint_dir=None, checkpoint_config=None,
-        train_map=None, recalibrate_bn=True, input_range=None):
+        train_map=None, recalibrate_bn=True, input_range=None, cost="bops"):
     """Float warm-up (if the recipe has one), ``build_method``, then ``train``: the whole experiment.
 
     With ``checkpoint_dir`` it saves a checkpoint after every epoch of both phases and, called again with the same
@@ -411,6 +414,7 @@ def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1
 
         input_range: ``(lo, hi)`` of the model input in the exported file (``quantize_model``'s): with it the layers
             that read the input add the file's bias in inference. ``examples/mnist.py`` passes (0, 1).
+        cost: what the prior charges (``quantize_model``'s ``cost``: ``"bops"``, ``"flash"``, ``"arena"``).
 
     Returns:
         A ``TrainingRun``.
@@ -455,7 +459,7 @@ def run(model, recipe, data, *, method="bb", seed=None, strategy=None, verbose=1
     elif in_main_phase:
         history += meta["extra"]["history_before"]
     with strategy.scope():
-        trained = build_method(method, float_model, recipe, input_range)
+        trained = build_method(method, float_model, recipe, input_range, cost)
     main = recipe.replace(epochs=recipe.epochs - warmup, warmup_epochs=0)
     fixed = baseline_relative_bops(method, float_model) if method in BASELINES else None
     _, logger, bit_widths = train(trained, main, data, relative_bops=fixed, epoch_offset=warmup, phase=method,

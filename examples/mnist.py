@@ -130,6 +130,15 @@ def make_parser():
                         help="land on this relative BOPs (%% of FP32) with bbits_tf.budget.BopsBudget, which adapts mu "
                              f"during training (Bayesian Bits methods). Default: {DEFAULT_BB_BUDGET} for --method bb "
                              "(the default run), none for the ablations; 0 turns it off (mu stays at the recipe's)")
+    parser.add_argument("--cost", choices=("bops", "flash", "arena"),
+                        help="what the prior charges (bbits_tf.costs): BOPs (the paper), the exported file's bytes or "
+                             "TFLite Micro's arena; default: the kind of the --budget-flash/--budget-arena given, else "
+                             "bops. A deployment cost trains 2/4/8-bit chains (what the int8 file carries)")
+    parser.add_argument("--budget-flash", type=float, metavar="BYTES",
+                        help="land on this .tflite file size with bbits_tf.budget.Budget (the default BOPs budget is "
+                             "then off unless --budget-bops is given)")
+    parser.add_argument("--budget-arena", type=float, metavar="BYTES",
+                        help="land on this TFLite Micro arena size with bbits_tf.budget.Budget")
     return parser
 
 
@@ -140,9 +149,11 @@ DEFAULT_BB_BUDGET = 0.33
 
 
 def resolve_budget(args):
-    """``--budget-bops`` as the run uses it: the default for ``--method bb``, ``None`` for 0 or other methods."""
+    """``--budget-bops`` as the run uses it: the default for ``--method bb`` without a deployment budget, ``None``
+    for 0 or other methods."""
     if args.budget_bops is None:
-        return DEFAULT_BB_BUDGET if args.method == "bb" else None
+        deployment = args.budget_flash is not None or args.budget_arena is not None
+        return DEFAULT_BB_BUDGET if args.method == "bb" and not deployment else None
     return None if args.budget_bops == 0 else args.budget_bops
 
 
@@ -169,7 +180,18 @@ def check_args(parser, args):
             parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0. Received: {value}")
     if args.budget_bops is not None and not (math.isfinite(args.budget_bops) and 0 <= args.budget_bops <= 100):
         parser.error(f"--budget-bops must be in [0, 100] (percent of FP32 BOPs; 0: off). Received: {args.budget_bops}")
+    for name in ("budget_flash", "budget_arena"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a number of bytes > 0. Received: {value}")
+    if args.cost is None:
+        kinds = [k for k in ("flash", "arena") if getattr(args, f"budget_{k}") is not None]
+        args.cost = kinds[0] if len(kinds) == 1 else "bops"
     args.budget_bops = resolve_budget(args)
+    deployment = args.budget_flash is not None or args.budget_arena is not None
+    if (deployment or args.cost != "bops") and args.method not in training.ABLATIONS:
+        parser.error(f"--cost/--budget-flash/--budget-arena need a Bayesian Bits method "
+                     f"({', '.join(training.ABLATIONS)}). Received: --method {args.method}")
     if args.budget_bops is not None:
         if args.method not in training.ABLATIONS:
             parser.error(f"--budget-bops needs a Bayesian Bits method ({', '.join(training.ABLATIONS)}). "
@@ -326,6 +348,15 @@ def export_tflite(model, output_dir, data):
                                             input_range=INPUT_RANGE)
 
 
+def deployment_prediction(model):
+    """Predicted flash (file bytes) and TFLite Micro arena of a Bayesian Bits model's export (None otherwise)."""
+    if not bbits_tf.bayesian_bits_quantizers(model):
+        return None
+    from bbits_tf import arena, costs, flash  # pylint: disable=import-outside-toplevel
+    return {"cost": costs.model_cost(model), "flash_bytes": flash.flash_bytes(model),
+            "arena_bytes": arena.arena_bytes(model)}
+
+
 def layer_rows(profile):
     return [
         {"name": r.name, "type": r.layer_type, "weight_bits": r.weight_bits, "input_bits": r.input_bits,
@@ -363,6 +394,9 @@ def run_options(args, recipe):
     options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_OPTIONS + RECIPE_OPTIONS}
     if options.get("model") == "lenet5":
         del options["model"]  # the default, and runs made before --model existed have no such option
+    for key, default in (("cost", "bops"), ("budget_flash", None), ("budget_arena", None)):  # the same for these
+        if key in options and options[key] == default:
+            del options[key]
     options["recipe"] = recipe.to_dict()
     return json.loads(json.dumps(options))
 
@@ -486,8 +520,10 @@ def finish_run(args, recipe, options, result, env, budget, data, start, output_d
             **(extra_settings or {}),
         },
         "budget": None if budget is None else {
-            "target_relative_bops": budget.target_relative_bops, "frozen_at_step": budget.frozen_at_step,
+            **(getattr(budget, "limits", None) or {"target_relative_bops": budget.target_relative_bops}),
+            "frozen_at_step": budget.frozen_at_step,
             "restored_gates": budget.restored_gates, "final_mu": bbits_tf.get_mu(result.model)},
+        "deployment": deployment_prediction(result.model),
         "model_path": str(model_path),
         "tflite": None,
         "history": result.history,
@@ -551,7 +587,12 @@ def main(argv=None):
 
     env = environment(args)
     budget = None
-    if args.budget_bops is not None:
+    if args.budget_flash is not None or args.budget_arena is not None:
+        from bbits_tf.budget import Budget
+
+        budget = Budget(flash_bytes=args.budget_flash, arena_bytes=args.budget_arena, relative_bops=args.budget_bops,
+                        print_fn=print)
+    elif args.budget_bops is not None:
         from bbits_tf.budget import BopsBudget
 
         budget = BopsBudget(args.budget_bops, print_fn=print)
@@ -569,7 +610,7 @@ def main(argv=None):
         result = training.run(build_model(args.model), recipe, data, method=args.method, seed=args.seed, verbose=args.verbose,
                               log_dir=args.log_dir, bit_width_every=args.bit_width_every or None, callbacks=callbacks,
                               checkpoint_dir=checkpoint_dir, checkpoint_config={"run_options": options},
-                              input_range=INPUT_RANGE)
+                              input_range=INPUT_RANGE, cost=args.cost)
     except KeyboardInterrupt:
         meta = training.read_checkpoint(checkpoint_dir)
         done = f"{meta['completed_epochs']} of {meta['total_epochs']} epochs are" if meta else "no epoch is"

@@ -34,7 +34,7 @@ from .export import OUTPUT_GRID_LAYERS, ExportReport, check_path, export_plans, 
 from .micro import tflm_check, write_c_arrays
 from .prune import PRODUCERS, graph_nodes
 from .plan import WEIGHT_BITS, LayerPlan, signed_levels
-from .report import BbitsExportReport, bias_check, layer_rows, off_grid_weights, to_int2, wide_layers
+from .report import BbitsExportReport, bias_check, layer_rows, off_grid_weights, predictions, to_int2, wide_layers
 from .verify import LayerRef, bias_offsets, lsb_check, lsb_histograms, run_litert_any_batch, static_batch, verify
 
 _QuantizeWrapper = tfmot.quantization.keras.QuantizeWrapper
@@ -461,6 +461,7 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
     plain = plain_model(qmodel, batch_size=batch_size)
     int2 = frozenset(n for n, p in plans.items() if int2 and p.weight_bits == 2
                      and isinstance(plain.get_layer(n), keras.layers.Dense))
+    int4_option = int4
     int4 = _int4_layers(int4, plans, plain) - int2
     deployed_plans = {n: (p if n in int4 else _int8_storage(p, refine=n not in int2)) for n, p in plans.items()}
     x_rep = _array(representative_data)
@@ -527,6 +528,8 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
 
     if c_array:
         report.c_source_path, report.c_header_path = write_c_arrays(base.model_bytes, path, c_name)
+    if not int2:
+        report.predicted = predictions(qmodel, report, int4_option)
     report.checks, report.problems = checks, problems
     report.notes = list(report.notes) + [f"{n}: {how}" for n, how in report.wide_layers.items()]
     if strict and problems:

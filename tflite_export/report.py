@@ -86,6 +86,9 @@ class BbitsExportReport(ExportReport):
     lsb_diffs: Dict[str, Dict[str, Dict[str, Dict[int, int]]]] = dataclasses.field(default_factory=dict)
     bias_offsets: Dict[str, float] = dataclasses.field(default_factory=dict)
     edgetpu: Optional[dict] = None  # tflite_export.edgetpu.edgetpu_check(file).to_dict(): Coral's static rules
+    # bbits_tf.flash / bbits_tf.arena's predictions from the gates beside the file's bytes and TFLM's arena:
+    # {"flash_bytes", "file_bytes", "flash_error", "arena_bytes", "tflm_arena_bytes", "arena_error"} (errors relative)
+    predicted: Dict[str, Optional[float]] = dataclasses.field(default_factory=dict)
 
     @property
     def learned_weight_bytes(self) -> float:
@@ -154,6 +157,14 @@ class BbitsExportReport(ExportReport):
                          f"{self.tflm_max_lsb_diff:g} LSB over {self.tflm_samples} inputs")
         for name, how in self.wide_layers.items():
             lines.append(f"{name}: {how}")
+        p = self.predicted
+        if p:
+            line = (f"predicted from the gates (bbits_tf.flash/arena): file {p['flash_bytes']:,.0f} B "
+                    f"({100 * p['flash_error']:+.2f}% of {p['file_bytes']:,} B)")
+            if p.get("arena_error") is not None:
+                line += (f", TFLM arena {p['arena_bytes']:,.0f} B ({100 * p['arena_error']:+.2f}% of "
+                         f"{p['tflm_arena_bytes']:,} B)")
+            lines.append(line)
         lines.append("checks: " + ", ".join(f"{k} {'ok' if ok else 'FAILED'}" for k, ok in self.checks.items()))
         lines.extend(f"  problem: {p}" for p in self.problems)
         if self.edgetpu is not None:
@@ -255,6 +266,20 @@ def to_int2(report: ExportReport, names) -> None:
     report.tensor_types = {}
     for t in flat.tensors:
         report.tensor_types[t.type] = report.tensor_types.get(t.type, 0) + 1
+
+
+def predictions(qmodel, report, int4) -> Dict[str, Optional[float]]:
+    """``bbits_tf.flash`` / ``bbits_tf.arena``'s predictions beside the file's bytes and the measured TFLM arena
+    (``BbitsExportReport.predicted``); they model an int8-io file with ``refine_inputs``."""
+    from bbits_tf import arena, flash  # pylint: disable=import-outside-toplevel
+    predicted = flash.flash_bytes(qmodel, int4=int4)
+    found = {"flash_bytes": predicted, "file_bytes": report.file_bytes,
+             "flash_error": predicted / report.file_bytes - 1.0,
+             "arena_bytes": arena.arena_bytes(qmodel, int4=int4), "tflm_arena_bytes": report.tflm_arena_bytes,
+             "arena_error": None}
+    if report.tflm_arena_bytes:
+        found["arena_error"] = found["arena_bytes"] / report.tflm_arena_bytes - 1.0
+    return found
 
 
 def wide_layers(plans: Mapping[str, LayerPlan]) -> Dict[str, str]:
