@@ -312,9 +312,11 @@ class Budget(BopsBudget):
 
     Limits: ``flash_bytes`` (the exported file, ``bbits_tf.flash``), ``arena_bytes`` (TFLite Micro's tensor arena,
     ``bbits_tf.arena``), ``relative_bops`` (percent, ``bbits_tf.relative_bops``). The controlled quantity is the
-    largest ratio of a predicted value to its limit (the binding one), with target 1: ``BopsBudget``'s PI
-    controller on ``log mu``, its ramp, its freeze band and its landing guard (which restores gates until the
-    binding ratio is back at ``1 - band``) act on that ratio. Under ``quantize_model(cost="arena")`` the prior's
+    largest ratio of a predicted value to its limit (the binding one). A limit is a ceiling (the file must fit the
+    flash), so the controller aims just under it, at ``1 - band`` (``band``: ``freeze_band``, default 0.025):
+    ``BopsBudget``'s PI controller on ``log mu``, its ramp, its freeze band (the gates freeze once the ratio is
+    within ``band`` of that aim: between 0.951 and 0.999 of the limit) and its landing guard (which restores gates
+    until the ratio is back at ``(1 - band)^2``) act on that ratio; a run lands within 5 % under the limit. Under ``quantize_model(cost="arena")`` the prior's
     charges are re-linearised at every update (``bbits_tf.costs.set_prior``): the operator at the arena's peak
     moves as channels go. Which cost the prior charges is the model's (``quantize_model(cost=...)``); the budget
     only sets ``mu``, so charge the cost you limit (a flash limit on a BOP prior lands by pruning what BOPs
@@ -334,6 +336,7 @@ class Budget(BopsBudget):
     LIMITS = ("flash_bytes", "arena_bytes", "relative_bops")
 
     def __init__(self, *, flash_bytes=None, arena_bytes=None, relative_bops=None, int4=None, **kwargs):
+        kwargs.setdefault("freeze_band", 0.025)
         super().__init__(100.0, **kwargs)
         limits = {"flash_bytes": flash_bytes, "arena_bytes": arena_bytes, "relative_bops": relative_bops}
         limits = {k: checks.number(k, v, minimum=0, strict_minimum=True) for k, v in limits.items() if v is not None}
@@ -352,7 +355,7 @@ class Budget(BopsBudget):
 
     @property
     def _target(self):
-        return 1.0
+        return 1.0 - self.band  # just under the limit
 
     def predict(self, expected=False):
         """``{limit name: predicted value}`` of the model now."""
@@ -370,6 +373,32 @@ class Budget(BopsBudget):
     def measure(self, expected=False):
         """The binding ratio: the largest predicted value over its limit."""
         return max(value / self.limits[key] for key, value in self.predict(expected).items())
+
+    def restore_to(self, floor):
+        """The landing guard for a ceiling: switches gates closed since the last snapshot back on, closest to their
+        threshold first, skipping any that would take the binding ratio above 1 (over a limit: a bit gate can
+        double a layer's bytes), until the ratio is >= ``floor``. Returns ``(ratio, number restored)``."""
+        now = [v.numpy() for v in self._gates]
+        candidates = []
+        for i, (snap, cur, threshold) in enumerate(zip(self._snapshot, now, self._thresholds)):
+            for index in zip(*np.nonzero((snap > threshold) & (cur <= threshold))):
+                candidates.append((float(cur[index]), i, index))
+        candidates.sort(key=lambda c: -c[0])
+        values = [c.copy() for c in now]
+        ratio, restored = self.measure(), 0
+        for _, i, index in candidates:
+            if ratio >= floor:
+                break
+            old = values[i][index]
+            values[i][index] = self._snapshot[i][index]
+            self._gates[i].assign(values[i])
+            trial = self.measure()
+            if trial > 1.0:
+                values[i][index] = old
+                self._gates[i].assign(values[i])
+            else:
+                ratio, restored = trial, restored + 1
+        return ratio, restored
 
     def update(self):
         from bbits_tf import costs  # pylint: disable=import-outside-toplevel

@@ -23,6 +23,7 @@ import numpy as np
 from bbits_tf import bops as bops_lib
 from bbits_tf import graph
 from bbits_tf._keras import keras
+from bbits_tf.folding import FoldedBatchNorm
 
 FIXED_BYTES = 964
 BYTES_PER_TENSOR = 124  # table entry, shape, type, buffer, quantization parameters; its name comes on top
@@ -70,8 +71,9 @@ def kernel_elements_per_channel(record):
 
 
 def has_bias(layer):
+    """Whether the file stores an int32 bias for this MAC layer (a folded BatchNorm's shift always makes one)."""
     inner = graph.inner_layer(layer)
-    return bool(getattr(inner, "use_bias", True))  # a FoldedBatchNorm always has its folded bias
+    return isinstance(inner, FoldedBatchNorm) or bool(getattr(inner, "use_bias", True))
 
 
 def weight_state(model):

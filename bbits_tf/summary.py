@@ -1,7 +1,10 @@
 """Per-layer profile of a quantized model, as data; formatting and plotting are separate functions."""
 import dataclasses
+from typing import Optional
 
+from bbits_tf import arena as arena_lib
 from bbits_tf import bops as bops_lib
+from bbits_tf import flash as flash_lib
 
 
 @dataclasses.dataclass
@@ -21,6 +24,8 @@ class LayerProfile:
     bops: float
     expected_weight_bits: float
     expected_output_bits: float
+    flash_bytes: Optional[float] = None  # its weights and biases in the exported file (``bbits_tf.flash``)
+    arena_bytes: Optional[float] = None  # TFLM arena while its operator runs: live tensors + scratch (``arena``)
 
 
 @dataclasses.dataclass
@@ -33,15 +38,26 @@ class ModelProfile:
     fp32_bops: float
     relative_bops: float  # percent, deterministic gates
     expected_relative_bops: float  # percent, gate probabilities
+    flash_bytes: Optional[float] = None  # predicted bytes of the exported .tflite file (``bbits_tf.flash``)
+    arena_bytes: Optional[float] = None  # predicted TFLite Micro arena (``bbits_tf.arena``)
+    expected_flash_bytes: Optional[float] = None
+    expected_arena_bytes: Optional[float] = None
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
 
 def summary(model, print_fn=None):
-    """Profiles a quantized model; prints a table through ``print_fn`` (e.g. ``print``) when one is given."""
+    """Profiles a quantized model; prints a table through ``print_fn`` (e.g. ``print``) when one is given.
+
+    Besides the BOPs, each layer's bytes in the exported file and the TFLite Micro arena while its operator runs,
+    and the predicted file and arena of the whole model (``bbits_tf.flash``, ``bbits_tf.arena``: an int8-io
+    export with the exporter's defaults)."""
     exact = bops_lib.layer_bops(model)
     expected = bops_lib.layer_bops(model, expected=True)
+    flash_rows = flash_lib.layer_flash(model, records=exact)
+    plan = arena_lib.plan(model)
+    op_bytes = {op.name: op.bytes for op in plan.operators}
     rows = [
         LayerProfile(
             name=r.name,
@@ -57,8 +73,10 @@ def summary(model, print_fn=None):
             bops=r.bops,
             expected_weight_bits=e.weight_bits,
             expected_output_bits=e.output_bits,
+            flash_bytes=f.bytes,
+            arena_bytes=op_bytes.get(r.layer.name),
         )
-        for r, e in zip(exact, expected)
+        for r, e, f in zip(exact, expected, flash_rows)
     ]
     total_macs = sum(r.macs for r in exact)
     fp32 = float(total_macs * bops_lib.FLOAT_BITS * bops_lib.FLOAT_BITS)
@@ -69,6 +87,10 @@ def summary(model, print_fn=None):
         fp32_bops=fp32,
         relative_bops=100.0 * sum(r.bops for r in exact) / fp32,
         expected_relative_bops=100.0 * sum(r.bops for r in expected) / fp32,
+        flash_bytes=flash_lib.flash_bytes(model),
+        arena_bytes=plan.arena_bytes,
+        expected_flash_bytes=flash_lib.flash_bytes(model, expected=True),
+        expected_arena_bytes=arena_lib.arena_bytes(model, expected=True),
     )
     if print_fn is not None:
         print_fn(format_summary(profile))
@@ -82,21 +104,34 @@ def format_summary(profile):
     # Number columns as wide as their largest entry (VGG7's layers have 10^8 MACs and 10^11 BOPs) plus two spaces.
     macs_w = max([12] + [len(f"{r.macs:,}") + 2 for r in profile.layers])
     bops_w = max([14] + [len(f"{r.bops:,.0f}") + 2 for r in profile.layers])
+    deploy = profile.flash_bytes is not None
+    flash_w = max([10] + [len(_bytes(r.flash_bytes)) + 2 for r in profile.layers])
+    arena_w = max([10] + [len(_bytes(r.arena_bytes)) + 2 for r in profile.layers])
     header = (f"{'layer':<{name_w}}{'type':<{type_w}}{'w bits':>7}{'in bits':>8}{'out bits':>9}{'channels':>12}"
-              f"{'MACs':>{macs_w}}{'BOPs':>{bops_w}}")
+              f"{'MACs':>{macs_w}}{'BOPs':>{bops_w}}" + (f"{'flash B':>{flash_w}}{'arena B':>{arena_w}}" if deploy else ""))
     lines = [header, "-" * len(header)]
     for r in profile.layers:
         out_bits = "float" if r.output_bits >= 32 else str(r.output_bits)
         lines.append(
             f"{r.name:<{name_w}}{r.layer_type:<{type_w}}{r.weight_bits:>7}{r.input_bits:>8}{out_bits:>9}"
             f"{f'{r.kept_channels}/{r.total_channels}':>12}{r.macs:>{macs_w},}{r.bops:>{bops_w},.0f}"
+            + (f"{_bytes(r.flash_bytes):>{flash_w}}{_bytes(r.arena_bytes):>{arena_w}}" if deploy else "")
         )
     lines.append("-" * len(header))
     lines.append(
         f"total MACs {profile.total_macs:,}; BOPs {profile.bops:,.0f} = {profile.relative_bops:.3f}% of FP32 "
         f"(expected {profile.expected_relative_bops:.3f}%)"
     )
+    if deploy:
+        lines.append(
+            f"predicted int8 .tflite {profile.flash_bytes:,.0f} B (expected {profile.expected_flash_bytes:,.0f} B), "
+            f"TFLite Micro arena {profile.arena_bytes:,.0f} B (expected {profile.expected_arena_bytes:,.0f} B)"
+        )
     return "\n".join(lines)
+
+
+def _bytes(value):
+    return "" if value is None else f"{value:,.0f}"
 
 
 def plot_summary(profile, path=None):

@@ -125,6 +125,8 @@ def test_summary_columns_stay_apart_for_large_layers():
     """VGG7's layers have up to 151M MACs and 10^10 BOPs: the number columns widen so that they never run together."""
     text = bbits_tf.format_summary(bbits_tf.summary(bbits_tf.quantize_model(models.vgg7())))
     row = next(line for line in text.splitlines() if line.startswith("conv2 "))
-    macs, bops = row.split()[-2:]
+    macs, bops, flash_bytes, arena_bytes = row.split()[-4:]
     assert macs == "150,994,944" and bops == f"{150_994_944 * 64:,}"
+    assert flash_bytes == f"{3 * 3 * 128 * 128 + 4 * 128:,}"  # w8: a byte a weight, int32 biases
+    assert int(arena_bytes.replace(",", "")) >= 2 * 32 * 32 * 128  # its input and output, int8
     assert len(row) == len(text.splitlines()[0])  # aligned with the header
