@@ -48,7 +48,8 @@ __all__ = ["BopsBudget", "MuGridOracle", "MuTuner", "best_trial", "is_worker", "
 RESULT_FILE = "result.json"
 MODEL_FILE = "model.h5"
 ATTEMPTS_FILE = "attempts.log"  # one line per start of the trial: tuner id, process id, time
-TABLE_KEYS = ("val_accuracy", "test_accuracy", "relative_bops", "expected_relative_bops", "wall_time_s")
+TABLE_KEYS = ("val_accuracy", "test_accuracy", "relative_bops", "expected_relative_bops", "flash_bytes",
+              "arena_bytes", "wall_time_s")
 
 
 def is_worker():
@@ -188,7 +189,9 @@ class MuTuner(base_tuner.BaseTuner):
 
     def __init__(self, build_model=None, recipe="fast", *, method="bb", max_trials=6, hyperparameters=None,
                  oracle="grid", seed=0, validation_split=0.1, save_models=True, verbose=0, directory="runs/sweep",
-                 project_name="mu_sweep", overwrite=False, test_batch_size=1000):
+                 project_name="mu_sweep", overwrite=False, test_batch_size=1000, cost="bops"):
+        from bbits_tf.costs import check_cost  # pylint: disable=import-outside-toplevel
+        self.cost = check_cost(cost)
         if method not in training.ABLATIONS:
             raise ValueError(f"`method` must be a Bayesian Bits method {sorted(training.ABLATIONS)} (baselines "
                              f"have no mu). Received: method={method!r}")
@@ -252,16 +255,18 @@ class MuTuner(base_tuner.BaseTuner):
         train, val, test = self._split(data, validation_data)
         verbose = self.verbose
         result = training.run(self.build_model, recipe, (train, val), method=self.method, seed=self.seed,
-                              verbose=verbose, print_fn=print if verbose else None, callbacks=list(callbacks))
+                              verbose=verbose, print_fn=print if verbose else None, callbacks=list(callbacks),
+                              cost=self.cost)
         test_accuracy = result.model.evaluate(*test, batch_size=self.test_batch_size, verbose=0,
                                               return_dict=True)["accuracy"]
         metrics = {"val_accuracy": float(result.test_accuracy), "test_accuracy": float(test_accuracy),
                    "relative_bops": float(result.profile.relative_bops),
                    "expected_relative_bops": float(result.profile.expected_relative_bops),
+                   "flash_bytes": float(result.profile.flash_bytes), "arena_bytes": float(result.profile.arena_bytes),
                    "wall_time_s": float(result.wall_time_s)}
         record = {"trial_id": trial.trial_id, "hyperparameters": dict(trial.hyperparameters.values), **metrics,
                   "trial_time_s": time.time() - started, "method": self.method, "seed": self.seed,
-                  "recipe": recipe.to_dict(), "train_images": len(train[0]), "val_images": len(val[0]),
+                  "recipe": recipe.to_dict(), "cost": self.cost, "train_images": len(train[0]), "val_images": len(val[0]),
                   "test_images": len(test[0]), "tuner_id": self.tuner_id, "pid": os.getpid(),
                   "started": started, "finished": time.time(),
                   "model_file": MODEL_FILE if self.save_models else None,
@@ -455,6 +460,10 @@ def read_baselines(runs_dir="runs"):
     return found
 
 
+AXIS_NAMES = {"relative_bops": "relative BOPs (% of FP32)", "flash_bytes": "predicted .tflite bytes (bbits_tf.flash)",
+              "arena_bytes": "predicted TFLite Micro arena bytes (bbits_tf.arena)"}
+
+
 def plot_pareto(trials, path, front=None, baselines=(), extra_points=(), accuracy_key="test_accuracy",
                 bops_key="relative_bops", title=None):
     """Accuracy (y, percent) against relative BOPs (x, log scale): every trial, the front as a line, and the
@@ -481,11 +490,12 @@ def plot_pareto(trials, path, front=None, baselines=(), extra_points=(), accurac
             continue
         marker = point.get("marker") or next(styles)
         ax.scatter([c[1]], [100 * c[0]], marker=marker, s=50, zorder=4, color=point.get("color"),
-                   label=f"{point.get('label', '?')} ({100 * c[0]:.2f}%, {c[1]:.3g}%)")
+                   label=f"{point.get('label', '?')} ({100 * c[0]:.2f}%, {c[1]:.3g}{'%' if bops_key == 'relative_bops' else ' B'})")
     ax.set_xscale("log")
-    ax.set_xlabel("relative BOPs (% of FP32, log scale)")
+    x_name = AXIS_NAMES.get(bops_key, bops_key.replace("_", " "))
+    ax.set_xlabel(f"{x_name} (log scale)")
     ax.set_ylabel(f"{accuracy_key.replace('_', ' ')} (%)")
-    ax.set_title(title or "accuracy against relative BOPs")
+    ax.set_title(title or f"accuracy against {x_name}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

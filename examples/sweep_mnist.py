@@ -2,6 +2,7 @@
 
     python examples/sweep_mnist.py                       # small default: 6 trials, 2 epochs, 10k training images
     python examples/sweep_mnist.py --budget 0.5 1.0      # also one BopsBudget run to each relative BOPs (%)
+    python examples/sweep_mnist.py --cost flash          # the prior charges the .tflite bytes (bbits_tf.costs)
     python examples/sweep_mnist.py --trials 12 --epochs 15 --warmup-epochs 1 --train-limit 55000 \\
         --batch-size 128 --gate-lr 1e-2 --directory runs/sweep-full  # full-size sweep (the "fast" recipe)
 
@@ -12,7 +13,8 @@ with ``KERASTUNER_TUNER_ID=worker0``, ``worker1``..., all with ``KERASTUNER_ORAC
 
 Writes to ``--directory`` (default ``runs/sweep``): the Keras Tuner project ``<project>/trial_*/`` (``trial.json``,
 ``result.json``, ``model.h5``), ``trials.json`` (all trials), ``pareto.json`` (the front, on test accuracy),
-``pareto.png`` (with the fixed-bit baselines from ``runs/*/results.json`` when present) and, with ``--budget``,
+``pareto.png`` (with the fixed-bit baselines from ``runs/*/results.json`` when present), ``pareto_flash.png`` and
+``pareto_arena.png`` (accuracy against the predicted file bytes and TFLite Micro arena) and, with ``--budget``,
 ``budget_<target>/`` and ``budget.json`` (each budget run against the sweep: accuracy at the same BOPs, compute).
 """
 import argparse
@@ -39,6 +41,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--trials", type=int, default=6, help="number of trials (values of mu)")
+    parser.add_argument("--cost", choices=("bops", "flash", "arena"), default="bops",
+                        help="what the prior charges (bbits_tf.costs); a deployment cost trains 2/4/8-bit chains")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per trial, float warm-up included")
     parser.add_argument("--warmup-epochs", type=int, default=0, help="float epochs before quantizing")
     parser.add_argument("--train-limit", type=int, default=10000, help="train on the first N training images")
@@ -154,7 +158,7 @@ def budget_run(args, target, recipe, build_model, train, val, test, rows, front,
         print(f"budget run: reusing {run_dir / 'result.json'}")
     else:
         result = training.run(build_model, recipe, (train, val), seed=args.seed, verbose=args.verbose,
-                              print_fn=print if args.verbose else None, callbacks=[controller])
+                              print_fn=print if args.verbose else None, callbacks=[controller], cost=args.cost)
         test_accuracy = result.model.evaluate(*test, batch_size=1000, verbose=0, return_dict=True)["accuracy"]
         record = {"target_relative_bops": target, "val_accuracy": result.test_accuracy,
                   "test_accuracy": float(test_accuracy), "relative_bops": result.profile.relative_bops,
@@ -207,7 +211,7 @@ def main(argv=None):
                                 init_log_alpha=args.tune_init_log_alpha)
     tuner = tuning.MuTuner(build_model, recipe, max_trials=args.trials, hyperparameters=space, oracle=args.oracle,
                            seed=args.seed, verbose=args.verbose, directory=str(output),
-                           project_name=args.project_name, overwrite=args.overwrite)
+                           project_name=args.project_name, overwrite=args.overwrite, cost=args.cost)
     tuner.search((train, test), validation_data=val)
     if tuning.is_worker():
         print(f"worker {tuner.tuner_id}: no trials left")
@@ -231,10 +235,14 @@ def main(argv=None):
     title = (f"MNIST {args.model}: {n_done} trials, {recipe.epochs} epochs, {len(train[0])} training images")
     tuning.plot_pareto(rows, output / "pareto.png", front=front, baselines=baselines, extra_points=extra,
                        title=title)
+    for key, name in (("flash_bytes", "pareto_flash.png"), ("arena_bytes", "pareto_arena.png")):
+        if any(r.get(key) is not None for r in rows):  # trials of this version (older ones have no prediction)
+            tuning.plot_pareto(rows, output / name, bops_key=key, title=f"{title}, cost {args.cost}")
     for r in rows:
         acc = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
         bops = "-" if r["relative_bops"] is None else f"{r['relative_bops']:.3f}%"
-        print(f"trial {r['trial_id']}: mu {r.get('mu', float('nan')):.4g} {r['status']} test {acc} BOPs {bops}")
+        size = "" if r.get("flash_bytes") is None else f", file {r['flash_bytes']:,.0f} B, arena {r['arena_bytes']:,.0f} B"
+        print(f"trial {r['trial_id']}: mu {r.get('mu', float('nan')):.4g} {r['status']} test {acc} BOPs {bops}{size}")
     for budget in budgets:
         run = budget["budget_run"]
         print(f"budget run: {run['relative_bops']:.3f}% BOPs (target {budget['target_relative_bops']:g}%, "

@@ -207,6 +207,9 @@ def test_files_of_an_unknown_run_without_results_or_checkpoint_are_refused(mnist
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--test-limit", "0"], "--test-limit must be >= 1"),
     (["--budget-bops", "200"], "--budget-bops must be in [0, 100]"),
+    (["--budget-flash", "-5"], "--budget-flash must be a number of bytes > 0"),
+    (["--budget-arena", "nan"], "--budget-arena must be a number of bytes > 0"),
+    (["--method", "tfmot_w8a8", "--cost", "flash"], "--cost/--budget-flash/--budget-arena need a Bayesian Bits"),
     (["--data-dir", "EMPTY"], "cannot load MNIST"),
 ])
 def test_invalid_options_exit_before_creating_the_output_folder(mnist_example, tmp_path, capsys, options, message):
@@ -235,6 +238,32 @@ def test_default_run_lands_on_the_budget_and_ablations_do_not():
         mnist.parse_args(["--budget-bops", "-1"])
     with pytest.raises(SystemExit):
         mnist.parse_args(["--method", "float", "--budget-bops", "0.3"])
+
+
+def test_a_deployment_budget_replaces_the_default_bops_budget_and_picks_its_cost():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import mnist  # examples/mnist.py
+
+    args = mnist.parse_args(["--budget-flash", "32000"])
+    assert (args.cost, args.budget_flash, args.budget_bops) == ("flash", 32000.0, None)
+    assert mnist.parse_args(["--budget-arena", "16000"]).cost == "arena"
+    both = mnist.parse_args(["--budget-flash", "32000", "--budget-arena", "16000", "--budget-bops", "0.5"])
+    assert (both.cost, both.budget_bops) == ("bops", 0.5)  # two kinds: the prior stays the paper's unless --cost
+    assert mnist.parse_args(["--cost", "arena", "--budget-flash", "9e4"]).cost == "arena"
+    plain = mnist.parse_args([])
+    assert plain.cost == "bops" and "cost" not in mnist.run_options(plain, mnist.make_recipe(plain, None))
+
+
+def test_a_flash_budget_run_records_its_limit_prediction_and_cost(mnist_example, tmp_path):
+    output_dir = tmp_path / "flash"
+    results = mnist_example.main(_tiny_args(output_dir, "--budget-flash", "300000"))
+    assert results["budget"]["flash_bytes"] == 300000.0
+    assert results["deployment"]["cost"] == "flash"
+    from bbits_tf import flash  # the saved model's own prediction
+    import bbits_tf
+    model = bbits_tf.load_model(str(output_dir / "model.h5"))
+    assert results["deployment"]["flash_bytes"] == pytest.approx(flash.flash_bytes(model))
+    assert [q.bit_widths for _, _, q, _ in bbits_tf.bayesian_bits_quantizers(model)][0] == (2, 4, 8)
 
 
 def test_models_beyond_lenet_read_mnist_padded_to_32x32(mnist_example):

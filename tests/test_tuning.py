@@ -355,6 +355,23 @@ def test_tiny_sweep_table_front_plot_choice_and_reload(mnist, tmp_path):
     assert [r["attempts"] for r in tuning.trials_table(again)] == [1, 1]
 
 
+def test_a_sweep_under_the_flash_cost_records_and_plots_file_bytes(mnist, tmp_path):
+    from bbits_tf import flash  # pylint: disable=import-outside-toplevel
+    recipe = training.get_recipe("fast", epochs=1, warmup_epochs=0, batch_size=50, lr_gates=0.1)
+    tuner = tuning.MuTuner(tiny_cnn, recipe, max_trials=1, hyperparameters=tuning.search_space(mu=(1e-3, 1e-3)),
+                           directory=str(tmp_path), project_name="f", cost="flash")
+    tuner.search(_tiny_data(mnist), verbose=0)
+    (row,) = tuning.trials_table(tuner)
+    model = tuning.load_trial_model(tmp_path / "f", row)
+    assert row["flash_bytes"] == pytest.approx(flash.flash_bytes(model)) and row["arena_bytes"] > 0
+    assert json.loads((tmp_path / "f" / "trial_0" / "result.json").read_text())["cost"] == "flash"
+    assert {q.cost for _, _, q, _ in bbits_tf.bayesian_bits_quantizers(model)} == {"flash"}
+    path = tuning.plot_pareto([row], tmp_path / "pareto_flash.png", bops_key="flash_bytes")
+    assert Path(path).read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="cost='latency'"):
+        tuning.MuTuner(tiny_cnn, recipe, directory=str(tmp_path), project_name="g", cost="latency")
+
+
 def test_read_baselines(tmp_path):
     for name, method in (("tfmot_w4a8", "tfmot_w4a8"), ("fast-s0", "bb")):
         (tmp_path / name).mkdir()
