@@ -311,7 +311,8 @@ class Budget(BopsBudget):
     """Adapts ``mu`` so that the model ends near one or several deployment limits at once (issue 11).
 
     Limits: ``flash_bytes`` (the exported file, ``bbits_tf.flash``), ``arena_bytes`` (TFLite Micro's tensor arena,
-    ``bbits_tf.arena``), ``relative_bops`` (percent, ``bbits_tf.relative_bops``). The controlled quantity is the
+    ``bbits_tf.arena``), ``latency_us`` (LiteRT microseconds, ``bbits_tf.latency``, with ``latency_table`` or the
+    table of a model quantized with ``cost=table``), ``relative_bops`` (percent, ``bbits_tf.relative_bops``). The controlled quantity is the
     largest ratio of a predicted value to its limit (the binding one). A limit is a ceiling (the file must fit the
     flash), so the controller aims just under it, at ``1 - band`` (``band``: ``freeze_band``, default 0.025):
     ``BopsBudget``'s PI controller on ``log mu``, its ramp, its freeze band (the gates freeze once the ratio is
@@ -323,7 +324,8 @@ class Budget(BopsBudget):
     favour, not what the file pays for).
 
     Args:
-        flash_bytes, arena_bytes, relative_bops: the limits (``None``: not limited); at least one.
+        flash_bytes, arena_bytes, latency_us, relative_bops: the limits (``None``: not limited); at least one.
+        latency_table: ``tflite_export.profile_latency``'s data (or a ``LatencyTable``) for ``latency_us``.
         int4: the layers the exporter stores as INT4 (as ``tflite_export.export``'s ``int4``; default Dense).
         **kwargs: ``BopsBudget``'s controller arguments (``signal``, ``every_n_steps``, ``kp``, ``ki``,
             ``ramp_fraction``, ``freeze_band``, ``guard``, ...).
@@ -333,12 +335,14 @@ class Budget(BopsBudget):
             (``"flash_bytes"``, ``"arena_bytes"``, ``"relative_bops"``) at the test-time gates.
     """
 
-    LIMITS = ("flash_bytes", "arena_bytes", "relative_bops")
+    LIMITS = ("flash_bytes", "arena_bytes", "latency_us", "relative_bops")
 
-    def __init__(self, *, flash_bytes=None, arena_bytes=None, relative_bops=None, int4=None, **kwargs):
+    def __init__(self, *, flash_bytes=None, arena_bytes=None, latency_us=None, relative_bops=None, int4=None,
+                 latency_table=None, **kwargs):
         kwargs.setdefault("freeze_band", 0.025)
         super().__init__(100.0, **kwargs)
-        limits = {"flash_bytes": flash_bytes, "arena_bytes": arena_bytes, "relative_bops": relative_bops}
+        limits = {"flash_bytes": flash_bytes, "arena_bytes": arena_bytes, "latency_us": latency_us,
+                  "relative_bops": relative_bops}
         limits = {k: checks.number(k, v, minimum=0, strict_minimum=True) for k, v in limits.items() if v is not None}
         if not limits:
             raise ValueError(f"`Budget` needs at least one limit: {', '.join(self.LIMITS)}. Received: none")
@@ -347,11 +351,16 @@ class Budget(BopsBudget):
                              f"Received: relative_bops={limits['relative_bops']!r}")
         self.limits = {k: float(v) for k, v in limits.items()}
         self.int4 = int4
+        self.latency_table = None
+        if latency_table is not None:
+            from bbits_tf.latency import LatencyTable  # pylint: disable=import-outside-toplevel
+            self.latency_table = LatencyTable(latency_table)
 
     def get_config(self):
         config = super().get_config()
         del config["target_relative_bops"]
-        return {**config, **self.limits, "int4": self.int4}
+        table = None if self.latency_table is None else self.latency_table.data
+        return {**config, **self.limits, "int4": self.int4, "latency_table": table}
 
     @property
     def _target(self):
@@ -366,6 +375,13 @@ class Budget(BopsBudget):
             found["flash_bytes"] = flash.flash_bytes(self.model, expected=expected, int4=int4)
         if "arena_bytes" in self.limits:
             found["arena_bytes"] = arena.arena_bytes(self.model, expected=expected, int4=int4)
+        if "latency_us" in self.limits:
+            from bbits_tf import latency  # pylint: disable=import-outside-toplevel
+            table = self.latency_table or getattr(self.model, "bbits_latency_table", None)
+            if table is None:
+                raise ValueError("Budget(latency_us=...) needs the latency table: `latency_table=` "
+                                 "(`tflite_export.profile_latency(model)`), or a model quantized with `cost=table`.")
+            found["latency_us"] = latency.latency_us(self.model, table, expected=expected)
         if "relative_bops" in self.limits:
             found["relative_bops"] = _relative_bops(self.model, expected=expected)
         return found

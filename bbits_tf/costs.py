@@ -36,6 +36,7 @@ from bbits_tf import bops as bops_lib
 from bbits_tf import flash as flash_lib
 from bbits_tf import gates as gates_lib
 from bbits_tf import graph
+from bbits_tf import latency as latency_lib
 from bbits_tf.quantizers import COSTS
 
 DEPLOYMENT_COSTS = tuple(c for c in COSTS if c != "bops")
@@ -43,8 +44,13 @@ _SOFTMAX_TEMPERATURE = 0.05
 
 
 def check_cost(cost):
-    if cost not in COSTS:
-        raise ValueError(f"`cost` must be one of {COSTS}. Received: cost={cost!r}")
+    """``cost`` as a name: one of ``COSTS``, or ``"latency"`` for a latency table (``bbits_tf.latency``)."""
+    if isinstance(cost, (dict, latency_lib.LatencyTable)):
+        return "latency"
+    if cost not in COSTS or cost == "latency":
+        raise ValueError(f"`cost` must be one of {tuple(c for c in COSTS if c != 'latency')} or a latency table "
+                         "(`tflite_export.profile_latency(model)`'s data or a `bbits_tf.latency.LatencyTable`). "
+                         f"Received: cost={cost!r}")
     return cost
 
 
@@ -132,24 +138,45 @@ def _bops_prior_value(quantizer, variables):
     return _prior_value(quantizer, variables, costs)
 
 
-def level_costs(model, cost, int4=flash_lib.DEFAULT_INT4):
-    """The unscaled per-level charges of every quantizer under ``cost`` (bytes), zeros where it pays nothing."""
-    found = {"flash": flash_level_costs, "arena": arena_level_costs}[cost](model, int4)
+def level_costs(model, cost, int4=flash_lib.DEFAULT_INT4, table=None):
+    """The unscaled per-level charges of every quantizer under ``cost`` (bytes or microseconds), zeros where it
+    pays nothing."""
+    if cost == "latency":
+        found = latency_lib.level_costs(model, _latency_table(model, table))
+    else:
+        found = {"flash": flash_level_costs, "arena": arena_level_costs}[cost](model, int4)
     return {(w.name, role): found.get((w.name, role), np.zeros(len(q.bit_widths)))
             for w, role, q, _ in _quantizers(model)}
 
 
-def set_prior(model, cost=None, scale=None, int4=flash_lib.DEFAULT_INT4):
+def _latency_table(model, table):
+    table = table if table is not None else getattr(model, "bbits_latency_table", None)
+    if table is None:
+        raise ValueError("The latency prior needs the latency table: `set_prior(model, table=...)` (a model loaded "
+                         "from a file has lost the one `quantize_model(cost=table)` attached).")
+    return latency_lib.LatencyTable(table)
+
+
+def set_prior(model, cost=None, scale=None, int4=flash_lib.DEFAULT_INT4, table=None):
     """Assigns the deployment-cost prior's level charges from the current gates; returns the scale ``s``.
+
+    ``cost``: ``"flash"``, ``"arena"``, ``"latency"`` (with ``table``, or the table the model carries) or a latency
+    table; ``None``: the model's.
 
     ``scale``: bytes per unit of the prior; ``None`` keeps the one this model had (``model.bbits_cost_scale``)
     or sets it so that the prior equals the BOP prior now (``quantize_model`` does this at quantization).
     """
-    cost = check_cost(cost or model_cost(model))
+    if isinstance(cost, (dict, latency_lib.LatencyTable)):
+        cost, table = "latency", cost
+    cost = cost or model_cost(model)
+    if cost != "latency":
+        cost = check_cost(cost)
+    if cost == "latency":
+        model.bbits_latency_table = _latency_table(model, table)
     if cost == "bops":
         raise ValueError("The BOP prior has no level charges to set (spec section 4, `mac_weight`). Quantize with "
                          f"`cost=` one of {DEPLOYMENT_COSTS}.")
-    found = level_costs(model, cost, int4)
+    found = level_costs(model, cost, int4, table)
     quantizers = _quantizers(model)
     if any("level_costs" not in v for _, _, _, v in quantizers):
         raise ValueError(f"The model was quantized with the BOP prior; `set_prior` needs a model from "
@@ -167,7 +194,8 @@ def set_prior(model, cost=None, scale=None, int4=flash_lib.DEFAULT_INT4):
 
 
 def prior_bytes(model):
-    """``s * sum_k R_k``: the prior's own estimate of the cost in bytes (the linearised expected cost)."""
+    """``s * sum_k R_k``: the prior's own estimate of the cost in bytes (microseconds for latency): the
+    linearised expected cost."""
     scale = getattr(model, "bbits_cost_scale", None)
     if scale is None:
         raise ValueError("The model has no deployment-cost prior set (`bbits_tf.costs.set_prior`).")

@@ -216,8 +216,10 @@ def quantize_model(
             bias the file stores, on its grid ``(hi - lo) / 255`` times their weight step (``bias_on_grid``).
             ``None``: they keep their float bias, which the file rounds.
         cost: what the prior charges (``bbits_tf.costs``): ``"bops"`` (spec section 4), ``"flash"`` (the bytes
-            of the exported file, ``bbits_tf.flash``) or ``"arena"`` (TFLite Micro's tensor arena,
-            ``bbits_tf.arena``). A deployment cost is scaled to equal the BOP prior at quantization, so ``mu``
+            of the exported file, ``bbits_tf.flash``), ``"arena"`` (TFLite Micro's tensor arena,
+            ``bbits_tf.arena``) or a latency table (``tflite_export.profile_latency(model)``'s data or a
+            ``bbits_tf.latency.LatencyTable``: LiteRT latency, ``bbits_tf.latency``; the model keeps it as
+            ``bbits_latency_table``). A deployment cost is scaled to equal the BOP prior at quantization, so ``mu``
             keeps its meaning at the start.
 
     Returns:
@@ -232,6 +234,7 @@ def quantize_model(
     prune = checks.boolean("prune", prune)
     mask_bias = checks.boolean("mask_bias", mask_bias)
     from bbits_tf import costs as costs_lib  # pylint: disable=import-outside-toplevel  (costs reads quantize)
+    latency_table = cost if costs_lib.check_cost(cost) == "latency" else None
     cost = costs_lib.check_cost(cost)
     if bit_widths is None:
         bit_widths = (2, 4, 8, 16, 32) if cost == "bops" else (2, 4, 8)
@@ -322,7 +325,7 @@ def quantize_model(
     logger.info(report.format())
     bayesian_bits_quantizers(quantized)  # links tied pruning gates and each kernel quantizer to its input grid
     if cost != "bops":
-        costs_lib.set_prior(quantized, cost)
+        costs_lib.set_prior(quantized, latency_table if cost == "latency" else cost)
     return quantized
 
 

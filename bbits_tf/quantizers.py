@@ -11,7 +11,7 @@ _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
 # Placeholder range before the first call sets it from the data (spec 1.5).
 _PLACEHOLDER_X_MAX = 10.0
 # What the regularizer charges (spec section 4 for "bops"; bbits_tf.costs for the deployment costs).
-COSTS = ("bops", "flash", "arena")
+COSTS = ("bops", "flash", "arena", "latency")
 # A batch whose range (max |x|, or max x when unsigned) is not above this does not initialise the range.
 MIN_INIT_X_MAX = 1e-6
 
@@ -140,7 +140,7 @@ class BayesianBitsQuantizer(_Quantizer):
         input_step: for the kernel quantizer of a layer that reads the model input: the step of that input's
             8-bit grid in the exported file (``quantize_model(input_range=...)``), for ``bias_on_grid``.
         cost: what the regularizer charges: ``"bops"`` (spec section 4) or a deployment cost (``"flash"``,
-            ``"arena"``) whose per-level charges live in the ``level_costs`` variable (``bbits_tf.costs``).
+            ``"arena"``, ``"latency"``) whose per-level charges live in the ``level_costs`` variable (``bbits_tf.costs``).
         gates_from: with ``prune``, the name of the layer whose weight quantizer owns this quantizer's pruning
             gates (tied gates, ``bbits_tf.graph.prune_groups``): no ``log_alpha_2`` of its own; it uses the
             leader's variable (found in the model when first needed). A leader's gates of shape ``(C,)`` cover a

@@ -191,7 +191,8 @@ class MuTuner(base_tuner.BaseTuner):
                  oracle="grid", seed=0, validation_split=0.1, save_models=True, verbose=0, directory="runs/sweep",
                  project_name="mu_sweep", overwrite=False, test_batch_size=1000, cost="bops"):
         from bbits_tf.costs import check_cost  # pylint: disable=import-outside-toplevel
-        self.cost = check_cost(cost)
+        self.cost_name = check_cost(cost)  # a latency table is passed on as it is
+        self.cost = cost
         if method not in training.ABLATIONS:
             raise ValueError(f"`method` must be a Bayesian Bits method {sorted(training.ABLATIONS)} (baselines "
                              f"have no mu). Received: method={method!r}")
@@ -266,7 +267,7 @@ class MuTuner(base_tuner.BaseTuner):
                    "wall_time_s": float(result.wall_time_s)}
         record = {"trial_id": trial.trial_id, "hyperparameters": dict(trial.hyperparameters.values), **metrics,
                   "trial_time_s": time.time() - started, "method": self.method, "seed": self.seed,
-                  "recipe": recipe.to_dict(), "cost": self.cost, "train_images": len(train[0]), "val_images": len(val[0]),
+                  "recipe": recipe.to_dict(), "cost": self.cost_name, "train_images": len(train[0]), "val_images": len(val[0]),
                   "test_images": len(test[0]), "tuner_id": self.tuner_id, "pid": os.getpid(),
                   "started": started, "finished": time.time(),
                   "model_file": MODEL_FILE if self.save_models else None,

@@ -130,15 +130,22 @@ def make_parser():
                         help="land on this relative BOPs (%% of FP32) with bbits_tf.budget.BopsBudget, which adapts mu "
                              f"during training (Bayesian Bits methods). Default: {DEFAULT_BB_BUDGET} for --method bb "
                              "(the default run), none for the ablations; 0 turns it off (mu stays at the recipe's)")
-    parser.add_argument("--cost", choices=("bops", "flash", "arena"),
+    parser.add_argument("--cost", choices=("bops", "flash", "arena", "latency"),
                         help="what the prior charges (bbits_tf.costs): BOPs (the paper), the exported file's bytes or "
-                             "TFLite Micro's arena; default: the kind of the --budget-flash/--budget-arena given, else "
-                             "bops. A deployment cost trains 2/4/8-bit chains (what the int8 file carries)")
+                             "TFLite Micro's arena or LiteRT latency (measured first: tflite_export.profile_latency, "
+                             "XNNPACK, one thread, saved as latency_table.json); default: the kind of the one deployment "
+                             "budget given, else bops. A deployment cost trains 2/4/8-bit chains (what the int8 file "
+                             "carries)")
     parser.add_argument("--budget-flash", type=float, metavar="BYTES",
                         help="land on this .tflite file size with bbits_tf.budget.Budget (the default BOPs budget is "
                              "then off unless --budget-bops is given)")
     parser.add_argument("--budget-arena", type=float, metavar="BYTES",
                         help="land on this TFLite Micro arena size with bbits_tf.budget.Budget")
+    parser.add_argument("--budget-latency-us", type=float, metavar="US",
+                        help="land on this LiteRT latency (XNNPACK, batch 1, one thread) with bbits_tf.budget.Budget")
+    parser.add_argument("--budget-latency-ratio", type=float, metavar="RATIO",
+                        help="land on this fraction of the unpruned int8 model's measured latency (the latency "
+                             "table's full_model_us: the int8 file tfmot's QAT also gives)")
     return parser
 
 
@@ -152,9 +159,16 @@ def resolve_budget(args):
     """``--budget-bops`` as the run uses it: the default for ``--method bb`` without a deployment budget, ``None``
     for 0 or other methods."""
     if args.budget_bops is None:
-        deployment = args.budget_flash is not None or args.budget_arena is not None
-        return DEFAULT_BB_BUDGET if args.method == "bb" and not deployment else None
+        return DEFAULT_BB_BUDGET if args.method == "bb" and not deployment_budget(args) else None
     return None if args.budget_bops == 0 else args.budget_bops
+
+
+def deployment_budget(args):
+    """Whether the run has a flash, arena or latency budget."""
+    return any(getattr(args, k) is not None for k in DEPLOYMENT_BUDGETS.values())
+
+
+DEPLOYMENT_BUDGETS = {"flash": "budget_flash", "arena": "budget_arena", "latency": "budget_latency_us"}
 
 
 def parse_args(argv=None):
@@ -180,17 +194,21 @@ def check_args(parser, args):
             parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0. Received: {value}")
     if args.budget_bops is not None and not (math.isfinite(args.budget_bops) and 0 <= args.budget_bops <= 100):
         parser.error(f"--budget-bops must be in [0, 100] (percent of FP32 BOPs; 0: off). Received: {args.budget_bops}")
-    for name in ("budget_flash", "budget_arena"):
+    for name in ("budget_flash", "budget_arena", "budget_latency_us", "budget_latency_ratio"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):
-            parser.error(f"--{name.replace('_', '-')} must be a number of bytes > 0. Received: {value}")
+            unit = "a ratio" if name.endswith("ratio") else "microseconds" if "latency" in name else "a number of bytes"
+            parser.error(f"--{name.replace('_', '-')} must be {unit} > 0. Received: {value}")
+    if args.budget_latency_us is not None and args.budget_latency_ratio is not None:
+        parser.error("give --budget-latency-us or --budget-latency-ratio, not both")
     if args.cost is None:
-        kinds = [k for k in ("flash", "arena") if getattr(args, f"budget_{k}") is not None]
+        kinds = [k for k, name in DEPLOYMENT_BUDGETS.items() if getattr(args, name) is not None]
+        kinds += ["latency"] if args.budget_latency_ratio is not None and "latency" not in kinds else []
         args.cost = kinds[0] if len(kinds) == 1 else "bops"
-    args.budget_bops = resolve_budget(args)
-    deployment = args.budget_flash is not None or args.budget_arena is not None
+    args.budget_bops = resolve_budget(args) if args.budget_latency_ratio is None or args.budget_bops else None
+    deployment = deployment_budget(args) or args.budget_latency_ratio is not None
     if (deployment or args.cost != "bops") and args.method not in training.ABLATIONS:
-        parser.error(f"--cost/--budget-flash/--budget-arena need a Bayesian Bits method "
+        parser.error(f"--cost/--budget-flash/--budget-arena/--budget-latency-* need a Bayesian Bits method "
                      f"({', '.join(training.ABLATIONS)}). Received: --method {args.method}")
     if args.budget_bops is not None:
         if args.method not in training.ABLATIONS:
@@ -336,7 +354,23 @@ def plot_bit_widths(records, path, epoch_offset=0):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def export_tflite(model, output_dir, data):
+def latency_table(args, output_dir):
+    """The LiteRT latency table of this run's model (``tflite_export.profile_latency``: every MAC layer at 1/8 ..
+    8/8 of its channels, XNNPACK, one thread), read from ``latency_table.json`` in the output folder or measured
+    and written there."""
+    path = Path(output_dir) / "latency_table.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import tflite_export  # lazy: heavy
+
+    print("measuring the latency table (tflite_export.profile_latency) ...")
+    table = tflite_export.profile_latency(build_model(args.model)(), print_fn=print)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1))
+    return table
+
+
+def export_tflite(model, output_dir, data, latency_table=None):
     """TFLite export (``tflite_export``): ``model.tflite`` (int8 input/output), ``model_data.cc/.h``, verification."""
     if not bbits_tf.bayesian_bits_quantizers(model):
         print("tflite export skipped: tflite_export exports Bayesian Bits models (use --method bb or an ablation)")
@@ -345,16 +379,20 @@ def export_tflite(model, output_dir, data):
 
     (x_train, _), (x_test, y_test) = data
     return tflite_export.export_for_example(model, output_dir, x_test, y_test, x_train=x_train,
-                                            input_range=INPUT_RANGE)
+                                            input_range=INPUT_RANGE, latency_table=latency_table)
 
 
-def deployment_prediction(model):
-    """Predicted flash (file bytes) and TFLite Micro arena of a Bayesian Bits model's export (None otherwise)."""
+def deployment_prediction(model, table=None):
+    """Predicted flash (file bytes), TFLite Micro arena and, with a latency table, LiteRT latency of a Bayesian
+    Bits model's export (None for other models)."""
     if not bbits_tf.bayesian_bits_quantizers(model):
         return None
-    from bbits_tf import arena, costs, flash  # pylint: disable=import-outside-toplevel
-    return {"cost": costs.model_cost(model), "flash_bytes": flash.flash_bytes(model),
-            "arena_bytes": arena.arena_bytes(model)}
+    from bbits_tf import arena, costs, flash, latency  # pylint: disable=import-outside-toplevel
+    found = {"cost": costs.model_cost(model), "flash_bytes": flash.flash_bytes(model),
+             "arena_bytes": arena.arena_bytes(model)}
+    if table is not None:
+        found["latency_us"] = latency.latency_us(model, table)
+    return found
 
 
 def layer_rows(profile):
@@ -385,7 +423,8 @@ NOT_RUN_OPTIONS = ("output_dir", "log_dir", "verbose", "threads", "deterministic
 RECIPE_OPTIONS = ("recipe", "epochs", "warmup_epochs", "mu", "batch_size", "lr", "range_lr", "gate_lr", "decay_groups")
 # The files of a run: ``--overwrite`` deletes these, and nothing else.
 RUN_FILES = ("results.json", "results.json.tmp", "progress.json", "progress.tmp", "model.h5", "model.tflite",
-             "model_data.cc", "model_data.h", "bops_accuracy.png", "bit_widths.png", "layers.png", CHECKPOINT_DIR)
+             "latency_table.json", "model_data.cc", "model_data.h", "bops_accuracy.png", "bit_widths.png", "layers.png",
+             CHECKPOINT_DIR)
 
 
 def run_options(args, recipe):
@@ -394,7 +433,8 @@ def run_options(args, recipe):
     options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_OPTIONS + RECIPE_OPTIONS}
     if options.get("model") == "lenet5":
         del options["model"]  # the default, and runs made before --model existed have no such option
-    for key, default in (("cost", "bops"), ("budget_flash", None), ("budget_arena", None)):  # the same for these
+    for key, default in (("cost", "bops"), ("budget_flash", None), ("budget_arena", None),
+                         ("budget_latency_us", None), ("budget_latency_ratio", None)):  # the same for these
         if key in options and options[key] == default:
             del options[key]
     options["recipe"] = recipe.to_dict()
@@ -523,7 +563,7 @@ def finish_run(args, recipe, options, result, env, budget, data, start, output_d
             **(getattr(budget, "limits", None) or {"target_relative_bops": budget.target_relative_bops}),
             "frozen_at_step": budget.frozen_at_step,
             "restored_gates": budget.restored_gates, "final_mu": bbits_tf.get_mu(result.model)},
-        "deployment": deployment_prediction(result.model),
+        "deployment": deployment_prediction(result.model, (extra or {}).get("latency_table")),
         "model_path": str(model_path),
         "tflite": None,
         "history": result.history,
@@ -586,21 +626,28 @@ def main(argv=None):
           f"method {args.method}; recipe {args.recipe}: {recipe}")
 
     env = environment(args)
-    budget = None
-    if args.budget_flash is not None or args.budget_arena is not None:
-        from bbits_tf.budget import Budget
-
-        budget = Budget(flash_bytes=args.budget_flash, arena_bytes=args.budget_arena, relative_bops=args.budget_bops,
-                        print_fn=print)
-    elif args.budget_bops is not None:
-        from bbits_tf.budget import BopsBudget
-
-        budget = BopsBudget(args.budget_bops, print_fn=print)
     if args.overwrite:
         removed = clear_run_files(output_dir) if output_dir.is_dir() else []
         if removed:
             print(f"--overwrite: deleted {', '.join(removed)} from {output_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad option or missing data leaves no folder
+    budget, table = None, None
+    if args.cost == "latency" or args.budget_latency_us is not None or args.budget_latency_ratio is not None:
+        table = latency_table(args, output_dir)
+    latency_limit = args.budget_latency_us
+    if args.budget_latency_ratio is not None:
+        latency_limit = args.budget_latency_ratio * table["full_model_us"]
+        print(f"latency budget: {args.budget_latency_ratio:g} x {table['full_model_us']:.1f} us (the unpruned int8 "
+              f"model) = {latency_limit:.1f} us")
+    if deployment_budget(args) or latency_limit is not None:
+        from bbits_tf.budget import Budget
+
+        budget = Budget(flash_bytes=args.budget_flash, arena_bytes=args.budget_arena, latency_us=latency_limit,
+                        relative_bops=args.budget_bops, latency_table=table, print_fn=print)
+    elif args.budget_bops is not None:
+        from bbits_tf.budget import BopsBudget
+
+        budget = BopsBudget(args.budget_bops, print_fn=print)
     progress = ProgressWriter(output_dir / "progress.json",
                               {"args": vars(args), "recipe": recipe.to_dict(), "total_epochs": recipe.epochs,
                                "environment": env, "run_options": options})
@@ -610,14 +657,16 @@ def main(argv=None):
         result = training.run(build_model(args.model), recipe, data, method=args.method, seed=args.seed, verbose=args.verbose,
                               log_dir=args.log_dir, bit_width_every=args.bit_width_every or None, callbacks=callbacks,
                               checkpoint_dir=checkpoint_dir, checkpoint_config={"run_options": options},
-                              input_range=INPUT_RANGE, cost=args.cost)
+                              input_range=INPUT_RANGE, cost=table if args.cost == "latency" else args.cost)
     except KeyboardInterrupt:
         meta = training.read_checkpoint(checkpoint_dir)
         done = f"{meta['completed_epochs']} of {meta['total_epochs']} epochs are" if meta else "no epoch is"
         print(f"\ninterrupted: {done} checkpointed in {checkpoint_dir}; the same command resumes the run",
               file=sys.stderr)
         raise
-    return finish_run(args, recipe, options, result, env, budget, data, start, output_dir, export_tflite)
+    export_fn = functools.partial(export_tflite, latency_table=table)
+    return finish_run(args, recipe, options, result, env, budget, data, start, output_dir, export_fn,
+                      extra={"latency_table": table} if table is not None else None)
 
 
 if __name__ == "__main__":

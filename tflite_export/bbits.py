@@ -410,7 +410,8 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
                  int2: bool = False,
                  batch_size: Optional[int] = None, c_array: bool = False, c_name: Optional[str] = None,
                  tflm: Optional[bool] = None, tflm_samples: int = 100, min_agreement: float = 0.999,
-                 lsb_samples: int = 500, refine_inputs: bool = True, strict: bool = False) -> BbitsExportReport:
+                 lsb_samples: int = 500, refine_inputs: bool = True, strict: bool = False,
+                 latency_table=None) -> BbitsExportReport:
     """Export a Bayesian Bits model to integer TFLite and verify the file against the model.
 
     The model is only read: no variable of it changes (ranges, gates, weights, BatchNorm statistics).
@@ -448,6 +449,8 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
             QUANTIZE op each): that layer's int32 bias grid and requantization get as much finer, so its rounding
             agrees with the model's float arithmetic (``deployment_model``).
         strict: raise RuntimeError when a check fails (structural problems of the file always raise).
+        latency_table: ``profile_latency``'s data: the report's ``predicted`` then also compares
+            ``bbits_tf.latency``'s prediction with the file's measured LiteRT latency.
 
     Returns:
         BbitsExportReport.
@@ -529,7 +532,7 @@ def export_bbits(qmodel, path: Optional[str] = None, *, representative_data, io:
     if c_array:
         report.c_source_path, report.c_header_path = write_c_arrays(base.model_bytes, path, c_name)
     if not int2:
-        report.predicted = predictions(qmodel, report, int4_option)
+        report.predicted = predictions(qmodel, report, int4_option, latency_table)
     report.checks, report.problems = checks, problems
     report.notes = list(report.notes) + [f"{n}: {how}" for n, how in report.wide_layers.items()]
     if strict and problems:

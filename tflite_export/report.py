@@ -164,6 +164,9 @@ class BbitsExportReport(ExportReport):
             if p.get("arena_error") is not None:
                 line += (f", TFLM arena {p['arena_bytes']:,.0f} B ({100 * p['arena_error']:+.2f}% of "
                          f"{p['tflm_arena_bytes']:,} B)")
+            if p.get("latency_error") is not None:
+                line += (f", LiteRT {p['latency_us']:.1f} us ({100 * p['latency_error']:+.1f}% of "
+                         f"{p['measured_latency_us']:.1f} us measured)")
             lines.append(line)
         lines.append("checks: " + ", ".join(f"{k} {'ok' if ok else 'FAILED'}" for k, ok in self.checks.items()))
         lines.extend(f"  problem: {p}" for p in self.problems)
@@ -268,9 +271,11 @@ def to_int2(report: ExportReport, names) -> None:
         report.tensor_types[t.type] = report.tensor_types.get(t.type, 0) + 1
 
 
-def predictions(qmodel, report, int4) -> Dict[str, Optional[float]]:
+def predictions(qmodel, report, int4, latency_table=None) -> Dict[str, Optional[float]]:
     """``bbits_tf.flash`` / ``bbits_tf.arena``'s predictions beside the file's bytes and the measured TFLM arena
-    (``BbitsExportReport.predicted``); they model an int8-io file with ``refine_inputs``."""
+    (``BbitsExportReport.predicted``); they model an int8-io file with ``refine_inputs``. With a latency table
+    (``profile_latency``), ``bbits_tf.latency``'s prediction beside the file's LiteRT latency, timed as the table
+    was (its delegate and threads)."""
     from bbits_tf import arena, flash  # pylint: disable=import-outside-toplevel
     predicted = flash.flash_bytes(qmodel, int4=int4)
     found = {"flash_bytes": predicted, "file_bytes": report.file_bytes,
@@ -279,6 +284,15 @@ def predictions(qmodel, report, int4) -> Dict[str, Optional[float]]:
              "arena_error": None}
     if report.tflm_arena_bytes:
         found["arena_error"] = found["arena_bytes"] / report.tflm_arena_bytes - 1.0
+    if latency_table is not None:
+        from bbits_tf import latency  # pylint: disable=import-outside-toplevel
+        from .latency import time_file  # pylint: disable=import-outside-toplevel
+        table = latency.LatencyTable(latency_table)
+        found["latency_us"] = latency.latency_us(qmodel, table)
+        found["measured_latency_us"] = time_file(report.model_bytes, runs=int(table.data.get("runs", 500)),
+                                                 num_threads=int(table.data.get("num_threads", 1)),
+                                                 delegates=table.data.get("delegates", "default"))
+        found["latency_error"] = found["latency_us"] / found["measured_latency_us"] - 1.0
     return found
 
 
