@@ -9,8 +9,9 @@ staircase in its kept channels: the prediction takes, per layer, the measured po
     latency = other_us + sum over MAC layers of table(layer, kept inputs, kept outputs)
 
 The prior (``quantize_model(cost=LatencyTable(...))``, ``bbits_tf.costs``) needs a slope, which a staircase does
-not have: it charges each channel the slope of the table's bilinear interpolation (the average cost of a channel
-between grid points), for its own layer and for the layers that read it. Bit widths do not change the latency of
+not have (0 on a step): it charges each channel the slope of the least-squares line through the layer's table
+along its output channels (and, for the layers that read it, along their input channels): the average cost of a
+channel over the layer's range, which stays positive on the steps. Bit widths do not change the latency of
 an int8 file (every weight INT8 or INT4, every activation int8): bit gates pay nothing.
 """
 import dataclasses
@@ -129,16 +130,19 @@ def level_costs(model, table):
     charge = {name: 0.0 for name in by_name}
 
     def slope(r, axis):
-        """Microseconds per output channel (``"out"``) or per input element (``"in"``) of the layer: a backward
-        difference of one channel (element) on the smooth table, inside the grid."""
-        kept_in = min(r.kept_in * _table_total_in(table, r) / max(r.total_in, 1), _table_total_in(table, r))
-        kept_out = min(r.kept_out, r.total_out)
-        if axis == "out":
-            return (table.layer_us(r.name, kept_in, kept_out, smooth=True)
-                    - table.layer_us(r.name, kept_in, max(kept_out - 1.0, 0.0), smooth=True))
+        """Microseconds per output channel (``"out"``) or per input element (``"in"``) of the layer: the least-squares
+        line through the table along that axis at the other axis' current value (a staircase's local slope is 0
+        on its steps, and a layer on a step would never be charged)."""
+        ins, outs, _, depthwise = table._grids[r.name]  # pylint: disable=protected-access
         scale = _table_total_in(table, r) / max(r.total_in, 1)
-        return (table.layer_us(r.name, kept_in, kept_out, smooth=True)
-                - table.layer_us(r.name, max(kept_in - scale, 0.0), kept_out, smooth=True))
+        kept_in, kept_out = r.kept_in * scale, r.kept_out
+        xs = outs if axis == "out" and not depthwise else ins
+        if len(xs) < 2:
+            return 0.0
+        ys = [table.layer_us(r.name, kept_in if axis == "out" else x, x if axis == "out" else kept_out, smooth=True)
+              for x in xs]
+        per = float(np.polyfit(np.asarray(xs, np.float64), np.asarray(ys), 1)[0])
+        return max(per, 0.0) * (scale if axis == "in" else 1.0)
 
     for r in records:
         charge[r.layer.name] += slope(r, "out")

@@ -163,3 +163,17 @@ def test_epoch_benchmark_smoke(tmp_path):
         result["median_steady_epoch_s"]["bbits_tf"] / result["median_steady_epoch_s"]["bbits_tf (graph quantizer)"])
     assert result["fused_op"]["enabled"] is True
     assert "steady epoch" in stdout
+
+
+def test_costs_benchmark_smoke(tmp_path):
+    """benchmarks/costs.py: the predictions against two exported files; bytes and arena are deterministic (the
+    latency is a timing: recorded, not asserted)."""
+    out = tmp_path / "costs.json"
+    _run("costs.py", "--smoke", "--output", str(out))
+    result = json.loads(out.read_text())
+    assert [r["case"] for r in result["rows"]] == ["init_w8a8", "light"]
+    for row in result["rows"]:
+        assert abs(row["flash_error"]) < 0.02 and abs(row["arena_error"]) < 0.05 and row["checks_passed"]
+        assert row["measured_latency_us"] > 0 and row["predicted_latency_us"] > 0
+    assert result["rows"][0]["file_bytes"] == 587_776  # LeNet5 at w8a8, nothing pruned
+    assert result["smoke"] and result["latency_table"]["fractions"] == [0.5, 1.0]

@@ -81,8 +81,10 @@ def test_lenet_flash_by_hand():
     operators; with fc1 at 2 bits its weights take half a byte (INT4) and the 8-bit level costs the other half."""
     qmodel, _ = _quantized("lenet_init")
     weights = 5 * 5 * 32 + 5 * 5 * 32 * 64 + 1024 * 512 + 512 * 10
-    overhead = flash.FIXED_BYTES + 7 * flash.BYTES_PER_OP
-    assert flash.flash_bytes(qmodel) == weights + 4 * (32 + 64 + 512 + 10) + overhead
+    names = flash.tensor_names(qmodel)  # 17 tensors: input, 4 x (weights, bias, output), 2 pooled, shape, flat
+    assert len(names) == 17 and sum(map(len, names)) == 824  # the names in the exported file (checked by hand)
+    overhead = flash.FIXED_BYTES + 17 * flash.BYTES_PER_TENSOR + 824
+    assert flash.flash_bytes(qmodel) == weights + 4 * (32 + 64 + 512 + 10) + overhead == 587_776  # the file
     force_gates(qmodel, {"fc1": (2, 8, 0.0)})
     assert flash.flash_bytes(qmodel) == weights - 1024 * 512 / 2 + 4 * (32 + 64 + 512 + 10) + overhead
     assert flash.flash_bytes(qmodel, overhead=1000) == weights - 1024 * 512 / 2 + 4 * 618 + 1000
