@@ -49,7 +49,7 @@ RESULT_FILE = "result.json"
 MODEL_FILE = "model.h5"
 ATTEMPTS_FILE = "attempts.log"  # one line per start of the trial: tuner id, process id, time
 TABLE_KEYS = ("val_accuracy", "test_accuracy", "relative_bops", "expected_relative_bops", "flash_bytes",
-              "arena_bytes", "wall_time_s")
+              "arena_bytes", "latency_us", "wall_time_s")
 
 
 def is_worker():
@@ -265,6 +265,9 @@ class MuTuner(base_tuner.BaseTuner):
                    "expected_relative_bops": float(result.profile.expected_relative_bops),
                    "flash_bytes": float(result.profile.flash_bytes), "arena_bytes": float(result.profile.arena_bytes),
                    "wall_time_s": float(result.wall_time_s)}
+        if self.cost_name == "latency":
+            from bbits_tf import latency  # pylint: disable=import-outside-toplevel
+            metrics["latency_us"] = float(latency.latency_us(result.model, self.cost))
         record = {"trial_id": trial.trial_id, "hyperparameters": dict(trial.hyperparameters.values), **metrics,
                   "trial_time_s": time.time() - started, "method": self.method, "seed": self.seed,
                   "recipe": recipe.to_dict(), "cost": self.cost_name, "train_images": len(train[0]), "val_images": len(val[0]),
@@ -461,8 +464,10 @@ def read_baselines(runs_dir="runs"):
     return found
 
 
+_UNITS = {"relative_bops": "%", "flash_bytes": " B", "arena_bytes": " B", "latency_us": " us"}
 AXIS_NAMES = {"relative_bops": "relative BOPs (% of FP32)", "flash_bytes": "predicted .tflite bytes (bbits_tf.flash)",
-              "arena_bytes": "predicted TFLite Micro arena bytes (bbits_tf.arena)"}
+              "arena_bytes": "predicted TFLite Micro arena bytes (bbits_tf.arena)",
+              "latency_us": "predicted LiteRT latency, us (bbits_tf.latency)"}
 
 
 def plot_pareto(trials, path, front=None, baselines=(), extra_points=(), accuracy_key="test_accuracy",
@@ -491,7 +496,7 @@ def plot_pareto(trials, path, front=None, baselines=(), extra_points=(), accurac
             continue
         marker = point.get("marker") or next(styles)
         ax.scatter([c[1]], [100 * c[0]], marker=marker, s=50, zorder=4, color=point.get("color"),
-                   label=f"{point.get('label', '?')} ({100 * c[0]:.2f}%, {c[1]:.3g}{'%' if bops_key == 'relative_bops' else ' B'})")
+                   label=f"{point.get('label', '?')} ({100 * c[0]:.2f}%, {c[1]:.3g}{_UNITS.get(bops_key, '')})")
     ax.set_xscale("log")
     x_name = AXIS_NAMES.get(bops_key, bops_key.replace("_", " "))
     ax.set_xlabel(f"{x_name} (log scale)")

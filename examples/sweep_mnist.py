@@ -3,6 +3,7 @@
     python examples/sweep_mnist.py                       # small default: 6 trials, 2 epochs, 10k training images
     python examples/sweep_mnist.py --budget 0.5 1.0      # also one BopsBudget run to each relative BOPs (%)
     python examples/sweep_mnist.py --cost flash          # the prior charges the .tflite bytes (bbits_tf.costs)
+    python examples/sweep_mnist.py --cost latency        # ... LiteRT latency (a table is measured first)
     python examples/sweep_mnist.py --trials 12 --epochs 15 --warmup-epochs 1 --train-limit 55000 \\
         --batch-size 128 --gate-lr 1e-2 --directory runs/sweep-full  # full-size sweep (the "fast" recipe)
 
@@ -14,7 +15,8 @@ with ``KERASTUNER_TUNER_ID=worker0``, ``worker1``..., all with ``KERASTUNER_ORAC
 Writes to ``--directory`` (default ``runs/sweep``): the Keras Tuner project ``<project>/trial_*/`` (``trial.json``,
 ``result.json``, ``model.h5``), ``trials.json`` (all trials), ``pareto.json`` (the front, on test accuracy),
 ``pareto.png`` (with the fixed-bit baselines from ``runs/*/results.json`` when present), ``pareto_flash.png`` and
-``pareto_arena.png`` (accuracy against the predicted file bytes and TFLite Micro arena) and, with ``--budget``,
+``pareto_arena.png`` (accuracy against the predicted file bytes and TFLite Micro arena; ``pareto_latency.png``
+with ``--cost latency``) and, with ``--budget``,
 ``budget_<target>/`` and ``budget.json`` (each budget run against the sweep: accuracy at the same BOPs, compute).
 """
 import argparse
@@ -41,8 +43,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--trials", type=int, default=6, help="number of trials (values of mu)")
-    parser.add_argument("--cost", choices=("bops", "flash", "arena"), default="bops",
-                        help="what the prior charges (bbits_tf.costs); a deployment cost trains 2/4/8-bit chains")
+    parser.add_argument("--cost", choices=("bops", "flash", "arena", "latency"), default="bops",
+                        help="what the prior charges (bbits_tf.costs; latency: a table measured first with "
+                             "tflite_export.profile_latency, saved as latency_table.json); a deployment cost trains "
+                             "2/4/8-bit chains")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per trial, float warm-up included")
     parser.add_argument("--warmup-epochs", type=int, default=0, help="float epochs before quantizing")
     parser.add_argument("--train-limit", type=int, default=10000, help="train on the first N training images")
@@ -140,7 +144,7 @@ def interpolate_front(front, relative_bops, key="test_accuracy"):
     return pts[0][1] if len(pts) == 1 and math.isclose(pts[0][0], relative_bops) else None
 
 
-def budget_run(args, target, recipe, build_model, train, val, test, rows, front, output):
+def budget_run(args, target, recipe, build_model, train, val, test, rows, front, output, cost="bops"):
     """One training run with ``BopsBudget`` to ``target``, and its comparison with the sweep."""
     run_dir = output / f"budget_{target:g}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +162,7 @@ def budget_run(args, target, recipe, build_model, train, val, test, rows, front,
         print(f"budget run: reusing {run_dir / 'result.json'}")
     else:
         result = training.run(build_model, recipe, (train, val), seed=args.seed, verbose=args.verbose,
-                              print_fn=print if args.verbose else None, callbacks=[controller], cost=args.cost)
+                              print_fn=print if args.verbose else None, callbacks=[controller], cost=cost)
         test_accuracy = result.model.evaluate(*test, batch_size=1000, verbose=0, return_dict=True)["accuracy"]
         record = {"target_relative_bops": target, "val_accuracy": result.test_accuracy,
                   "test_accuracy": float(test_accuracy), "relative_bops": result.profile.relative_bops,
@@ -209,9 +213,16 @@ def main(argv=None):
           f"{args.trials} trials of {recipe}")
     space = tuning.search_space(mu=(args.mu_min, args.mu_max), lr_gates=args.tune_gate_lr,
                                 init_log_alpha=args.tune_init_log_alpha)
+    cost = args.cost
+    if cost == "latency":
+        table_path = output / "latency_table.json"
+        if not table_path.exists():
+            import tflite_export  # pylint: disable=import-outside-toplevel  (heavy: only for this cost)
+            table_path.write_text(json.dumps(tflite_export.profile_latency(build_model()), indent=1))
+        cost = json.loads(table_path.read_text())
     tuner = tuning.MuTuner(build_model, recipe, max_trials=args.trials, hyperparameters=space, oracle=args.oracle,
                            seed=args.seed, verbose=args.verbose, directory=str(output),
-                           project_name=args.project_name, overwrite=args.overwrite, cost=args.cost)
+                           project_name=args.project_name, overwrite=args.overwrite, cost=cost)
     tuner.search((train, test), validation_data=val)
     if tuning.is_worker():
         print(f"worker {tuner.tuner_id}: no trials left")
@@ -224,7 +235,7 @@ def main(argv=None):
     tuning.write_json(output / "pareto.json", {"accuracy_key": "test_accuracy", "front": front, "settings": info})
     extra, budgets = [], []
     for target in args.budget or ():
-        budgets.append(budget_run(args, target, recipe, build_model, train, val, test, rows, front, output))
+        budgets.append(budget_run(args, target, recipe, build_model, train, val, test, rows, front, output, cost))
         tuning.write_json(output / "budget.json", {"budgets": budgets, "settings": info})
         extra.append({"label": f"BopsBudget run (target {target:g}%)", "marker": "*", "color": "tab:red",
                       **budgets[-1]["budget_run"]})
@@ -235,7 +246,8 @@ def main(argv=None):
     title = (f"MNIST {args.model}: {n_done} trials, {recipe.epochs} epochs, {len(train[0])} training images")
     tuning.plot_pareto(rows, output / "pareto.png", front=front, baselines=baselines, extra_points=extra,
                        title=title)
-    for key, name in (("flash_bytes", "pareto_flash.png"), ("arena_bytes", "pareto_arena.png")):
+    for key, name in (("flash_bytes", "pareto_flash.png"), ("arena_bytes", "pareto_arena.png"),
+                      ("latency_us", "pareto_latency.png")):
         if any(r.get(key) is not None for r in rows):  # trials of this version (older ones have no prediction)
             tuning.plot_pareto(rows, output / name, bops_key=key, title=f"{title}, cost {args.cost}")
     for r in rows:

@@ -364,6 +364,7 @@ def test_a_sweep_under_the_flash_cost_records_and_plots_file_bytes(mnist, tmp_pa
     (row,) = tuning.trials_table(tuner)
     model = tuning.load_trial_model(tmp_path / "f", row)
     assert row["flash_bytes"] == pytest.approx(flash.flash_bytes(model)) and row["arena_bytes"] > 0
+    assert row["latency_us"] is None  # only under a latency table
     assert json.loads((tmp_path / "f" / "trial_0" / "result.json").read_text())["cost"] == "flash"
     assert {q.cost for _, _, q, _ in bbits_tf.bayesian_bits_quantizers(model)} == {"flash"}
     path = tuning.plot_pareto([row], tmp_path / "pareto_flash.png", bops_key="flash_bytes")
@@ -521,3 +522,17 @@ def test_chief_and_two_workers_run_every_trial_once(tmp_path):
     assert "no trials left" in outputs["worker0"] and "no trials left" in outputs["worker1"]
     oracle = json.loads((tmp_path / "mnist_mu" / "oracle.json").read_text())
     assert sorted(oracle["end_order"]) == ["0", "1", "2", "3"]
+
+
+def test_sweep_under_the_latency_cost_measures_a_table_and_plots_latency(tmp_path):
+    """``sweep_mnist.py --cost latency``: the table is measured once (latency_table.json), trials charge it and
+    record their predicted latency, and pareto_latency.png is drawn."""
+    done = subprocess.run(_sweep_command(tmp_path, "--trials", "1", "--cost", "latency"), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = json.loads((tmp_path / "latency_table.json").read_text())
+    assert sorted(table["layers"]) == ["conv1", "fc1"]  # tiny_cnn: 8C5-MP4-10
+    (row,) = json.loads((tmp_path / "trials.json").read_text())["trials"]
+    assert row["latency_us"] > 0 and row["flash_bytes"] > 0
+    for name in ("pareto.png", "pareto_flash.png", "pareto_latency.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
