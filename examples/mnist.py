@@ -427,16 +427,21 @@ RUN_FILES = ("results.json", "results.json.tmp", "progress.json", "progress.tmp"
              CHECKPOINT_DIR)
 
 
+# Options added after runs were made, at the value that computes what those runs computed: left out of the run
+# options, so that an older run folder still matches its command.
+_LATER_OPTIONS = {"model": ("lenet5",), "cost": ("bops", None), "budget_flash": (None,), "budget_arena": (None,),
+                  "budget_latency_us": (None,), "budget_latency_ratio": (None,)}
+
+
+def _without_defaults(options):
+    return {k: v for k, v in options.items() if not (k in _LATER_OPTIONS and v in _LATER_OPTIONS[k])}
+
+
 def run_options(args, recipe):
     """What defines the run in ``--output-dir``: the resolved recipe and the other options that change the
     results, as JSON data (saved in results.json and in the checkpoints)."""
-    options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_OPTIONS + RECIPE_OPTIONS}
-    if options.get("model") == "lenet5":
-        del options["model"]  # the default, and runs made before --model existed have no such option
-    for key, default in (("cost", "bops"), ("budget_flash", None), ("budget_arena", None),
-                         ("budget_latency_us", None), ("budget_latency_ratio", None)):  # the same for these
-        if key in options and options[key] == default:
-            del options[key]
+    options = _without_defaults({k: v for k, v in sorted(vars(args).items())
+                                 if k not in NOT_RUN_OPTIONS + RECIPE_OPTIONS})
     options["recipe"] = recipe.to_dict()
     return json.loads(json.dumps(options))
 
@@ -447,9 +452,8 @@ def saved_run_options(results):
     if "run_options" in settings:
         return settings["run_options"]
     args = argparse.Namespace(**{**vars(make_parser().parse_args([])), **(settings.get("args") or {})})
-    options = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_OPTIONS + RECIPE_OPTIONS}
-    if options.get("model") == "lenet5":
-        del options["model"]
+    options = _without_defaults({k: v for k, v in sorted(vars(args).items())
+                                 if k not in NOT_RUN_OPTIONS + RECIPE_OPTIONS})
     options["recipe"] = settings.get("recipe")
     return json.loads(json.dumps(options))
 

@@ -209,7 +209,7 @@ def test_files_of_an_unknown_run_without_results_or_checkpoint_are_refused(mnist
     (["--budget-bops", "200"], "--budget-bops must be in [0, 100]"),
     (["--budget-flash", "-5"], "--budget-flash must be a number of bytes > 0"),
     (["--budget-arena", "nan"], "--budget-arena must be a number of bytes > 0"),
-    (["--method", "tfmot_w8a8", "--cost", "flash"], "--cost/--budget-flash/--budget-arena need a Bayesian Bits"),
+    (["--method", "tfmot_w8a8", "--cost", "flash"], "need a Bayesian Bits method"),
     (["--data-dir", "EMPTY"], "cannot load MNIST"),
 ])
 def test_invalid_options_exit_before_creating_the_output_folder(mnist_example, tmp_path, capsys, options, message):
