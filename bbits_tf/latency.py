@@ -41,7 +41,7 @@ class LatencyTable:
             grid = np.full((len(ins), len(outs)), np.nan)
             for c_in, c_out, us in points:
                 grid[np.searchsorted(ins, c_in), np.searchsorted(outs, c_out)] = us
-            self._grids[name] = (ins, outs, grid, layer["kind"] == "DepthwiseConv2D")
+            self._grids[name] = (ins, outs, grid, layer["kind"] in ("DepthwiseConv2D", "op"))
 
     @classmethod
     def load(cls, path):
@@ -99,8 +99,16 @@ def _table(table):
 def layer_latency(model, table, *, expected=False, smooth=False, records=None):
     """Per MAC layer, its predicted microseconds at the kept channels (``LayerLatency`` rows)."""
     table = _table(table)
-    records = bops_lib.layer_bops(model, expected=expected) if records is None else records
+    if records is None:
+        records, tensors = bops_lib.walk(model, expected=expected)
+    else:
+        tensors = bops_lib.walk(model, expected=expected)[1]
     rows = []
+    for layer in graph.topological_layers(model):  # weightless operators the table has (pooling, Add, ...)
+        name = graph.inner_layer(layer).name
+        if table.data["layers"].get(name, {}).get("kind") == "op":
+            kept = sum(float(np.sum(tensors[id(src)].keep)) for src in graph.inbound_layers(model, layer))
+            rows.append(LayerLatency(name, kept, kept, table.layer_us(name, kept, kept, smooth)))
     for r in records:
         if graph.mac_kind(r.layer) == "Dense" and r.total_in != _table_total_in(table, r):
             kept_in = r.kept_in * _table_total_in(table, r) / r.total_in

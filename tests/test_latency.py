@@ -113,7 +113,8 @@ def test_profile_latency_measures_every_layer_on_its_grid():
     table = tflite_export.profile_latency(tiny(), fractions=(0.5,), runs=20)
     assert table["fractions"] == [0.5, 1.0]
     layers = table["layers"]
-    assert sorted(layers) == ["c1", "fc1", "fc2"]
+    assert sorted(layers) == ["c1", "fc1", "fc2", "flat", "pool"]
+    assert [p[:2] for p in layers["pool"]["points"]] == [[4, 4], [8, 8]] and layers["pool"]["kind"] == "op"
     assert [p[:2] for p in layers["c1"]["points"]] == [[1, 4], [1, 8]]  # reads the model input: outputs only
     assert [p[:2] for p in layers["fc1"]["points"]] == [[100, 8], [100, 16], [200, 8], [200, 16]]
     assert [p[:2] for p in layers["fc2"]["points"]] == [[8, 10], [16, 10]]  # the logits are never pruned

@@ -531,7 +531,7 @@ def test_sweep_under_the_latency_cost_measures_a_table_and_plots_latency(tmp_pat
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = json.loads((tmp_path / "latency_table.json").read_text())
-    assert sorted(table["layers"]) == ["conv1", "fc1"]  # tiny_cnn: 8C5-MP4-10
+    assert sorted(table["layers"]) == ["conv1", "fc1", "flatten", "pool1"]  # tiny_cnn: 8C5-MP4-10
     (row,) = json.loads((tmp_path / "trials.json").read_text())["trials"]
     assert row["latency_us"] > 0 and row["flash_bytes"] > 0
     for name in ("pareto.png", "pareto_flash.png", "pareto_latency.png"):

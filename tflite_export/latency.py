@@ -5,8 +5,9 @@ alone (its kernel size, strides, padding and fused activation, at its input's sp
 input and output channels, converts it to a full-integer int8 .tflite (INT8 weights; per-tensor scales as the
 exporter writes them do not change the kernels' speed), and times it in LiteRT (batch 1, ``num_threads``
 threads, XNNPACK or the builtin kernels): the median of ``runs`` invokes. The whole model, nothing pruned, is
-timed the same way; ``other_us`` (the whole model minus the sum of its layers) covers pooling, reshapes and the
-interpreter. The result is plain data (JSON-able), which ``bbits_tf.latency.LatencyTable`` reads: the library
+timed the same way; ``other_us`` (the whole model minus the sum of its layers) covers the interpreter and what is not
+profiled. Pooling, Flatten, Add, Concatenate and separate activation layers are profiled like the MAC layers,
+on one axis (their input channels). The result is plain data (JSON-able), which ``bbits_tf.latency.LatencyTable`` reads: the library
 does not import the exporter.
 
 INT4 weights are not profiled: LiteRT runs an INT4 FULLY_CONNECTED at the speed of INT8 here (README,
@@ -97,6 +98,35 @@ def _layer_file(model, layer, f_in, f_out, seed):
     return _int8_file(single, x), c_in, c_out
 
 
+# Layers without weights that become TFLite operators whose time scales with the channels: profiled too, so that
+# what pruning saves in them is predicted (``other_us`` is then only the interpreter and what cannot be pruned).
+_OP_LAYERS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D,
+              keras.layers.GlobalMaxPooling2D, keras.layers.Flatten, keras.layers.Add, keras.layers.Concatenate,
+              keras.layers.ReLU, keras.layers.Activation)
+
+
+def _op_file(model, layer, fraction, seed):
+    """An int8 file of the weightless ``layer`` alone, each input at ``fraction`` of its channels."""
+    inputs = []
+    for shape in graph.input_shapes(model, layer):
+        shape = list(shape[1:])
+        shape[-1] = max(1, int(round(fraction * shape[-1])))
+        inputs.append(keras.Input(tuple(shape), batch_size=1))
+    config = dict(layer.get_config())
+    config.pop("name", None)
+    out = type(layer).from_config(config)(inputs if len(inputs) > 1 else inputs[0])
+    single = keras.Model(inputs, out)
+    rng = np.random.default_rng(seed)
+    xs = [rng.uniform(-1, 1, (8, *i.shape[1:])).astype(np.float32) for i in inputs]
+    converter = tf.lite.TFLiteConverter.from_keras_model(single)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([x[i:i + 1] for x in xs] for i in range(8))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return converter.convert(), int(sum(int(i.shape[-1]) for i in inputs))
+
+
 def _plain(model):
     """``model`` as plain tf_keras layers (a Bayesian Bits model: the exporter's ``plain_model``)."""
     from .bbits import is_bbits_model, plain_model  # pylint: disable=import-outside-toplevel
@@ -106,6 +136,10 @@ def _plain(model):
 def profile_latency(model, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, runs: int = 500,
                     num_threads: int = 1, delegates: str = "default", seed: int = 0, print_fn=None) -> Dict:
     """Per-layer LiteRT latency of ``model`` (float or Bayesian Bits) at a grid of kept channel fractions.
+
+    Layers without weights that are operators whose time scales with the channels (pooling, Flatten, Add,
+    Concatenate, separate activations) are profiled too, at the same fractions of their input channels
+    (``"kind": "op"``).
 
     Args:
         model: a built tf_keras model (Sequential or Functional) or a ``bbits_tf.quantize_model`` model.
@@ -128,6 +162,16 @@ def profile_latency(model, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, ru
     started = time.time()
     layers = {}
     for layer in graph.topological_layers(plain):
+        if isinstance(layer, _OP_LAYERS) and not graph.is_mac(layer):
+            fs = [1.0] if graph.reads_model_input(plain, layer) else fractions
+            points = []
+            for f in fs:
+                data, channels = _op_file(plain, layer, f, seed)
+                points.append([channels, channels, time_file(data, runs=runs, num_threads=num_threads,
+                                                             delegates=delegates)])
+            layers[layer.name] = {"kind": "op", "total_in": points[-1][0], "total_out": points[-1][1],
+                                  "points": points}
+            continue
         if not graph.is_mac(layer):
             continue
         kind = graph.mac_kind(layer)
