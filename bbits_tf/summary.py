@@ -5,6 +5,7 @@ from typing import Optional
 from bbits_tf import arena as arena_lib
 from bbits_tf import bops as bops_lib
 from bbits_tf import flash as flash_lib
+from bbits_tf import latency as latency_lib
 
 
 @dataclasses.dataclass
@@ -26,6 +27,7 @@ class LayerProfile:
     expected_output_bits: float
     flash_bytes: Optional[float] = None  # its weights and biases in the exported file (``bbits_tf.flash``)
     arena_bytes: Optional[float] = None  # TFLM arena while its operator runs: live tensors + scratch (``arena``)
+    latency_us: Optional[float] = None  # its LiteRT time from a latency table (``bbits_tf.latency``)
 
 
 @dataclasses.dataclass
@@ -42,22 +44,29 @@ class ModelProfile:
     arena_bytes: Optional[float] = None  # predicted TFLite Micro arena (``bbits_tf.arena``)
     expected_flash_bytes: Optional[float] = None
     expected_arena_bytes: Optional[float] = None
+    latency_us: Optional[float] = None  # predicted LiteRT latency with a latency table (``bbits_tf.latency``)
+    expected_latency_us: Optional[float] = None
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
 
-def summary(model, print_fn=None):
+def summary(model, print_fn=None, latency_table=None):
     """Profiles a quantized model; prints a table through ``print_fn`` (e.g. ``print``) when one is given.
 
     Besides the BOPs, each layer's bytes in the exported file and the TFLite Micro arena while its operator runs,
     and the predicted file and arena of the whole model (``bbits_tf.flash``, ``bbits_tf.arena``: an int8-io
-    export with the exporter's defaults)."""
+    export with the exporter's defaults); with ``latency_table`` (``tflite_export.profile_latency``'s data; by
+    default the one a model quantized with ``cost=table`` carries) each layer's and the model's LiteRT latency."""
+    table = latency_table if latency_table is not None else getattr(model, "bbits_latency_table", None)
     exact = bops_lib.layer_bops(model)
     expected = bops_lib.layer_bops(model, expected=True)
     flash_rows = flash_lib.layer_flash(model, records=exact)
     plan = arena_lib.plan(model)
     op_bytes = {op.name: op.bytes for op in plan.operators}
+    layer_us = {}
+    if table is not None:
+        layer_us = {r.name: r.us for r in latency_lib.layer_latency(model, table)}
     rows = [
         LayerProfile(
             name=r.name,
@@ -75,6 +84,7 @@ def summary(model, print_fn=None):
             expected_output_bits=e.output_bits,
             flash_bytes=f.bytes,
             arena_bytes=op_bytes.get(r.layer.name),
+            latency_us=layer_us.get(r.name),
         )
         for r, e, f in zip(exact, expected, flash_rows)
     ]
@@ -91,6 +101,8 @@ def summary(model, print_fn=None):
         arena_bytes=plan.arena_bytes,
         expected_flash_bytes=flash_lib.flash_bytes(model, expected=True),
         expected_arena_bytes=arena_lib.arena_bytes(model, expected=True),
+        latency_us=None if table is None else latency_lib.latency_us(model, table),
+        expected_latency_us=None if table is None else latency_lib.latency_us(model, table, expected=True),
     )
     if print_fn is not None:
         print_fn(format_summary(profile))
@@ -105,10 +117,12 @@ def format_summary(profile):
     macs_w = max([12] + [len(f"{r.macs:,}") + 2 for r in profile.layers])
     bops_w = max([14] + [len(f"{r.bops:,.0f}") + 2 for r in profile.layers])
     deploy = profile.flash_bytes is not None
+    timed = profile.latency_us is not None
     flash_w = max([10] + [len(_bytes(r.flash_bytes)) + 2 for r in profile.layers])
     arena_w = max([10] + [len(_bytes(r.arena_bytes)) + 2 for r in profile.layers])
     header = (f"{'layer':<{name_w}}{'type':<{type_w}}{'w bits':>7}{'in bits':>8}{'out bits':>9}{'channels':>12}"
-              f"{'MACs':>{macs_w}}{'BOPs':>{bops_w}}" + (f"{'flash B':>{flash_w}}{'arena B':>{arena_w}}" if deploy else ""))
+              f"{'MACs':>{macs_w}}{'BOPs':>{bops_w}}" + (f"{'flash B':>{flash_w}}{'arena B':>{arena_w}}" if deploy else "")
+              + (f"{'us':>8}" if timed else ""))
     lines = [header, "-" * len(header)]
     for r in profile.layers:
         out_bits = "float" if r.output_bits >= 32 else str(r.output_bits)
@@ -116,6 +130,7 @@ def format_summary(profile):
             f"{r.name:<{name_w}}{r.layer_type:<{type_w}}{r.weight_bits:>7}{r.input_bits:>8}{out_bits:>9}"
             f"{f'{r.kept_channels}/{r.total_channels}':>12}{r.macs:>{macs_w},}{r.bops:>{bops_w},.0f}"
             + (f"{_bytes(r.flash_bytes):>{flash_w}}{_bytes(r.arena_bytes):>{arena_w}}" if deploy else "")
+            + (f"{r.latency_us:>8.1f}" if timed else "")
         )
     lines.append("-" * len(header))
     lines.append(
@@ -126,6 +141,8 @@ def format_summary(profile):
         lines.append(
             f"predicted int8 .tflite {profile.flash_bytes:,.0f} B (expected {profile.expected_flash_bytes:,.0f} B), "
             f"TFLite Micro arena {profile.arena_bytes:,.0f} B (expected {profile.expected_arena_bytes:,.0f} B)"
+            + (f", LiteRT {profile.latency_us:.1f} us (expected {profile.expected_latency_us:.1f} us; the layers'"
+               f" column leaves out pooling and the interpreter)" if timed else "")
         )
     return "\n".join(lines)
 

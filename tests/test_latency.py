@@ -122,3 +122,14 @@ def test_profile_latency_measures_every_layer_on_its_grid():
     assert table["other_us"] == pytest.approx(table["full_model_us"] - table["layers_full_us"])
     qmodel = bbits_tf.quantize_model(tiny(), cost=table)
     assert latency.latency_us(qmodel, table) == pytest.approx(table["full_model_us"])
+
+
+def test_summary_shows_each_layers_latency_with_a_table():
+    table = synthetic()
+    qmodel = bbits_tf.quantize_model(models.lenet5(), mu=0.1, cost=table)
+    _force(qmodel, "conv2", 20)
+    profile = bbits_tf.summary(qmodel)  # the table the model carries
+    assert profile.latency_us == pytest.approx(latency.latency_us(qmodel, table))
+    assert [r.latency_us for r in profile.layers] == pytest.approx([0.32, 32 * 24 / 100, 384 * 512 / 100, 51.2])
+    assert "LiteRT" in bbits_tf.format_summary(profile)
+    assert bbits_tf.summary(bbits_tf.quantize_model(models.lenet5())).latency_us is None  # no table, no latency
