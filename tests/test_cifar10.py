@@ -249,6 +249,9 @@ def test_arguments_data_and_recipe(cifar_dir, tmp_path):
     (["--data-dir", ".", "--decay-groups", "biases"], r"decay_groups"),
     (["--data-dir", ".", "--method", "float", "--budget-bops", "0.5"], r"--budget-bops needs a Bayesian Bits method"),
     (["--data-dir", ".", "--model", "resnet20"], r"--model: invalid choice: 'resnet20'"),
+    (["--data-dir", ".", "--budget-flash", "32000"], r"--budget-flash: deployment costs and budgets are wired in "
+                                                     r"examples/mnist.py only"),
+    (["--data-dir", ".", "--cost", "flash"], r"--cost: deployment costs"),
     (["--data-dir", ".", "--recipe", "fast"], r"--recipe: invalid choice: 'fast'"),
 ])
 def test_bad_options_exit_with_status_2(argv, message, capsys):
@@ -265,7 +268,8 @@ def test_options_are_mnist_options_with_cifar_defaults():
     assert dests == {
         "recipe", "model", "method", "epochs", "warmup_epochs", "mu", "batch_size", "lr", "range_lr", "gate_lr",
         "decay_groups", "seed", "data_dir", "tfds", "augment", "train_limit", "test_limit", "output_dir",
-        "overwrite", "log_dir", "bit_width_every", "export", "verbose", "threads", "deterministic", "budget_bops"}
+        "overwrite", "log_dir", "bit_width_every", "export", "verbose", "threads", "deterministic", "budget_bops",
+        "cost", "budget_flash", "budget_arena", "budget_latency_us", "budget_latency_ratio"}  # the last 5 refused
     defaults = parser.parse_args([])
     assert (defaults.recipe, defaults.model, defaults.method, defaults.budget_bops) == ("paper", "vgg7", "bb", 0)
     assert defaults.data_dir is None and defaults.augment and defaults.export

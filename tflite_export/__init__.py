@@ -39,6 +39,7 @@ __all__ = [
     "prune", "prune_model", "quantize_activation", "quantize_scope", "quantize_weight", "read_flatbuffer",
     "LayerRef", "layer_io", "lsb_histograms", "run_litert", "run_tflm", "tflm_arena_bytes", "to_c_array", "verify",
 ]
-from .latency import profile_latency, time_file  # noqa: E402
+from .latency import profile_latency  # noqa: E402
+from .verify import time_file  # noqa: E402
 
 __all__ += ["profile_latency", "time_file"]

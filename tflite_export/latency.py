@@ -26,7 +26,7 @@ from bbits_tf import graph
 from bbits_tf._keras import keras
 from bbits_tf.folding import FoldedBatchNorm
 
-from .verify import make_interpreter, quantize_input
+from .verify import time_file
 
 DEFAULT_FRACTIONS = tuple(k / 8 for k in range(1, 9))  # XNNPACK works in tiles of 8-16 channels
 
@@ -39,25 +39,6 @@ def _int8_file(model, x):
     converter.inference_input_type = tf.int8
     converter.inference_output_type = tf.int8
     return converter.convert()
-
-
-def time_file(tflite_bytes: bytes, *, runs: int = 500, warmup: int = 50, num_threads: int = 1,
-              delegates: str = "default") -> float:
-    """Median microseconds per invoke of a .tflite file on a constant input (LiteRT, batch 1)."""
-    interp = make_interpreter(tflite_bytes, num_threads=num_threads, delegates=delegates)
-    interp.allocate_tensors()
-    detail = interp.get_input_details()[0]
-    shape = [1] + list(detail["shape"][1:])
-    x = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
-    interp.set_tensor(detail["index"], quantize_input(x, detail))
-    for _ in range(warmup):
-        interp.invoke()
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        interp.invoke()
-        times[i] = time.perf_counter() - start
-    return float(np.median(times) * 1e6)
 
 
 def _float_layer(layer, channels_in, channels_out):

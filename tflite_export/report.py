@@ -286,7 +286,7 @@ def predictions(qmodel, report, int4, latency_table=None) -> Dict[str, Optional[
         found["arena_error"] = found["arena_bytes"] / report.tflm_arena_bytes - 1.0
     if latency_table is not None:
         from bbits_tf import latency  # pylint: disable=import-outside-toplevel
-        from .latency import time_file  # pylint: disable=import-outside-toplevel
+        from .verify import time_file  # pylint: disable=import-outside-toplevel
         table = latency.LatencyTable(latency_table)
         found["latency_us"] = latency.latency_us(qmodel, table)
         found["measured_latency_us"] = time_file(report.model_bytes, runs=int(table.data.get("runs", 500)),
