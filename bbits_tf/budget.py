@@ -317,7 +317,8 @@ class Budget(BopsBudget):
     flash), so the controller aims just under it, at ``1 - band`` (``band``: ``freeze_band``, default 0.025):
     ``BopsBudget``'s PI controller on ``log mu``, its ramp, its freeze band (the gates freeze once the ratio is
     within ``band`` of that aim: between 0.951 and 0.999 of the limit) and its landing guard (which restores gates
-    until the ratio is back at ``(1 - band)^2``) act on that ratio; a run lands within 5 % under the limit. Under ``quantize_model(cost="arena")`` the prior's
+    until the ratio is back at ``(1 - band)^2``) act on that ratio; a run lands within 5 % under the limit.
+    Under ``quantize_model(cost="arena")`` or ``"flash+arena"`` the prior's
     charges are re-linearised at every update (``bbits_tf.costs.set_prior``): the operator at the arena's peak
     moves as channels go. Which cost the prior charges is the model's (``quantize_model(cost=...)``); the budget
     only sets ``mu``, so charge the cost you limit (a flash limit on a BOP prior lands by pruning what BOPs
@@ -418,7 +419,7 @@ class Budget(BopsBudget):
 
     def update(self):
         from bbits_tf import costs  # pylint: disable=import-outside-toplevel
-        if costs.model_cost(self.model) == "arena":
+        if costs.model_cost(self.model) in ("arena", "flash+arena"):
             costs.set_prior(self.model, int4=flash_default(self.int4))
         mu = super().update()
         record = self.history[-1]

@@ -17,6 +17,9 @@ producer's gates only through the current consumer counts), and:
 
 - ``"flash"``: weights at their stored width (``bbits_tf.flash``) plus 4 bytes of int32 bias per kept channel;
   activation gates cost nothing (every activation is int8 in the file).
+- ``"flash+arena"``: both, the arena's charges weighted so that the two priors are equal at quantization: the
+  exporter's INT4/INT8 choice for a Dense layer (its 8-bit level) is then a trade between the file (INT8 doubles
+  the layer's bytes) and the arena (INT4 is unpacked into it), for a run with a flash and an arena limit.
 - ``"arena"``: the maximum over operators is charged as a smooth maximum: each operator t gets the weight
   ``softmax((bytes_t - peak) / (0.05 * peak))`` and every live tensor's pruning gates pay its bytes per channel
   times that weight; an INT4 Dense layer's bit gates pay its unpacked scratch (1 byte per weight at <= 4 bits,
@@ -143,6 +146,17 @@ def level_costs(model, cost, int4=flash_lib.DEFAULT_INT4, table=None):
     pays nothing."""
     if cost == "latency":
         found = latency_lib.level_costs(model, _latency_table(model, table))
+    elif cost == "flash+arena":  # both, the arena weighted so that the two weigh the same at quantization
+        flash_part, arena_part = flash_level_costs(model, int4), arena_level_costs(model, int4)
+        weight = getattr(model, "bbits_arena_weight", None)
+        if weight is None:
+            quantizers = _quantizers(model)
+            total = {name: sum(_prior_value(q, v, part.get((w.name, role), np.zeros(len(q.bit_widths))))
+                               for w, role, q, v in quantizers) for name, part in (("f", flash_part), ("a", arena_part))}
+            weight = total["f"] / max(total["a"], 1e-12)
+            model.bbits_arena_weight = float(weight)
+        found = {key: flash_part.get(key, 0.0) + weight * arena_part.get(key, 0.0)
+                 for key in set(flash_part) | set(arena_part)}
     else:
         found = {"flash": flash_level_costs, "arena": arena_level_costs}[cost](model, int4)
     return {(w.name, role): found.get((w.name, role), np.zeros(len(q.bit_widths)))

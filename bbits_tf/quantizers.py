@@ -11,7 +11,7 @@ _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
 # Placeholder range before the first call sets it from the data (spec 1.5).
 _PLACEHOLDER_X_MAX = 10.0
 # What the regularizer charges (spec section 4 for "bops"; bbits_tf.costs for the deployment costs).
-COSTS = ("bops", "flash", "arena", "latency")
+COSTS = ("bops", "flash", "arena", "flash+arena", "latency")
 # A batch whose range (max |x|, or max x when unsigned) is not above this does not initialise the range.
 MIN_INIT_X_MAX = 1e-6
 

@@ -133,7 +133,7 @@ def make_parser():
                         help="land on this relative BOPs (%% of FP32) with bbits_tf.budget.BopsBudget, which adapts mu "
                              f"during training (Bayesian Bits methods). Default: {DEFAULT_BB_BUDGET} for --method bb "
                              "(the default run), none for the ablations; 0 turns it off (mu stays at the recipe's)")
-    parser.add_argument("--cost", choices=("bops", "flash", "arena", "latency"),
+    parser.add_argument("--cost", choices=("bops", "flash", "arena", "flash+arena", "latency"),
                         help="what the prior charges (bbits_tf.costs): BOPs (the paper), the exported file's bytes or "
                              "TFLite Micro's arena or LiteRT latency (measured first: tflite_export.profile_latency, "
                              "XNNPACK, one thread, saved as latency_table.json); default: the kind of the one deployment "
@@ -207,7 +207,7 @@ def check_args(parser, args):
     if args.cost is None:
         kinds = [k for k, name in DEPLOYMENT_BUDGETS.items() if getattr(args, name) is not None]
         kinds += ["latency"] if args.budget_latency_ratio is not None and "latency" not in kinds else []
-        args.cost = kinds[0] if len(kinds) == 1 else "bops"
+        args.cost = kinds[0] if len(kinds) == 1 else "flash+arena" if sorted(kinds) == ["arena", "flash"] else "bops"
     args.budget_bops = resolve_budget(args) if args.budget_latency_ratio is None or args.budget_bops else None
     deployment = deployment_budget(args) or args.budget_latency_ratio is not None
     if (deployment or args.cost != "bops") and args.method not in training.ABLATIONS:

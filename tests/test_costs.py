@@ -218,3 +218,20 @@ def test_budget_lands_a_flash_target_on_a_short_run(mnist):
     assert abs(landed / target - 1) < 0.10, (landed, budget.history[-3:])
     assert budget.history[-1]["flash_bytes"] == pytest.approx(landed)
     assert {"ratio", "expected_ratio", "mu", "flash_bytes"} <= set(budget.history[-1])
+
+
+def test_flash_plus_arena_prior_adds_the_two_weighted_equal_at_quantization():
+    qmodel = bbits_tf.quantize_model(models.lenet5(), mu=0.1, cost="flash+arena")
+    weight = qmodel.bbits_arena_weight
+    flash_part, arena_part = costs.flash_level_costs(qmodel), costs.arena_level_costs(qmodel)
+    for w, role, q, v in bbits_tf.bayesian_bits_quantizers(qmodel):
+        want = flash_part.get((w.name, role), 0.0) + weight * arena_part.get((w.name, role), 0.0)
+        assert v["level_costs"].numpy() * qmodel.bbits_cost_scale == pytest.approx(
+            np.broadcast_to(want, (len(q.bit_widths),)), rel=1e-5, abs=1e-3)
+    quantizers = bbits_tf.bayesian_bits_quantizers(qmodel)
+    flash_total = sum(costs._prior_value(q, v, flash_part.get((w.name, r), np.zeros(3))) for w, r, q, v in quantizers)
+    arena_total = sum(costs._prior_value(q, v, arena_part.get((w.name, r), np.zeros(3))) for w, r, q, v in quantizers)
+    assert weight * arena_total == pytest.approx(flash_total, rel=1e-6)  # equal weight at quantization
+    # fc1's 8-bit level: INT8 costs flash (+) and saves the unpacked INT4 arena (-): the sum of both
+    fc1 = _quantizer(qmodel, "fc1")[1]["level_costs"].numpy() * qmodel.bbits_cost_scale
+    assert fc1[2] == pytest.approx(flash_part[("quant_fc1", "weight")][2] + weight * arena_part[("quant_fc1", "weight")][2])

@@ -208,6 +208,7 @@ def test_files_of_an_unknown_run_without_results_or_checkpoint_are_refused(mnist
     (["--test-limit", "0"], "--test-limit must be >= 1"),
     (["--budget-bops", "200"], "--budget-bops must be in [0, 100]"),
     (["--budget-flash", "-5"], "--budget-flash must be a number of bytes > 0"),
+    (["--cost", "flash+arena", "--method", "float"], "need a Bayesian Bits method"),
     (["--budget-arena", "nan"], "--budget-arena must be a number of bytes > 0"),
     (["--method", "tfmot_w8a8", "--cost", "flash"], "need a Bayesian Bits method"),
     (["--data-dir", "EMPTY"], "cannot load MNIST"),
@@ -248,7 +249,7 @@ def test_a_deployment_budget_replaces_the_default_bops_budget_and_picks_its_cost
     assert (args.cost, args.budget_flash, args.budget_bops) == ("flash", 32000.0, None)
     assert mnist.parse_args(["--budget-arena", "16000"]).cost == "arena"
     both = mnist.parse_args(["--budget-flash", "32000", "--budget-arena", "16000", "--budget-bops", "0.5"])
-    assert (both.cost, both.budget_bops) == ("bops", 0.5)  # two kinds: the prior stays the paper's unless --cost
+    assert (both.cost, both.budget_bops) == ("flash+arena", 0.5)  # flash and arena: the prior charges both
     assert mnist.parse_args(["--cost", "arena", "--budget-flash", "9e4"]).cost == "arena"
     plain = mnist.parse_args([])
     assert plain.cost == "bops" and "cost" not in mnist.run_options(plain, mnist.make_recipe(plain, None))
