@@ -182,8 +182,8 @@ def test_prior_scale_matches_the_bop_prior_at_quantization():
 
 
 def test_cost_arguments_are_checked():
-    with pytest.raises(ValueError, match=r"`cost` must be one of \('bops', 'flash', 'arena'\) or a latency table .*"
-                                         r"Received: cost='latency'"):
+    with pytest.raises(ValueError, match=r"`cost` must be one of \('bops', 'flash', 'arena', 'flash\+arena'\) or a "
+                                         r"latency table .*Received: cost='latency'"):
         bbits_tf.quantize_model(models.lenet5(), cost="latency")  # the table, not its name
     with pytest.raises(ValueError, match="quantized with the BOP prior"):
         costs.set_prior(bbits_tf.quantize_model(models.lenet5()), "flash")
