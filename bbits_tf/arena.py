@@ -42,6 +42,8 @@ class Operator:
     live_bytes: float  # the int8 tensors alive while it runs (its inputs and output among them)
     scratch_bytes: float  # unpacked INT4 weights
     bytes: float  # live + scratch
+    live: list = dataclasses.field(default_factory=list, repr=False)  # its live buffers (their gates: the prior)
+    layer: object = None  # the layer it runs (None: an exporter QUANTIZE)
 
 
 @dataclasses.dataclass
@@ -78,7 +80,8 @@ def plan(model, *, expected=False, int4=flash_lib.DEFAULT_INT4):
     by_layer = {id(r.layer): r for r in records}
     state = flash_lib.weight_state(model)
     ops = flash_lib.tflite_ops(model)
-    refined = {(id(src), id(reader)) for src, reader in flash_lib.refined_inputs(model, bops_lib.layer_bops(model))}
+    test_time = bops_lib.layer_bops(model) if expected else records  # the file's QUANTIZE ops: test-time bits
+    refined = {(id(src), id(reader)) for src, reader in flash_lib.refined_inputs(model, test_time)}
     alias = {}  # removed layers (Dropout, ...) read as their input
 
     def source(layer):
@@ -112,7 +115,7 @@ def plan(model, *, expected=False, int4=flash_lib.DEFAULT_INT4):
                 key = ("refined", id(src), id(layer))
                 if key not in buffers:
                     buffers[id(src)].end = step
-                    schedule.append((f"quantize {src.name}", [id(src), key], 0.0))
+                    schedule.append((f"quantize {src.name}", None, 0.0))
                     add_buffer(key, src, step)
                     step += 1
             keys.append(key)
@@ -125,18 +128,16 @@ def plan(model, *, expected=False, int4=flash_lib.DEFAULT_INT4):
             quantizer, variables = state[layer.name]
             p_int4 = sum(p for b, p in quantizer.bit_width_probs(variables, expected=expected).items() if b <= 4)
             unpack = p_int4 * float(np.prod(graph.kernel_shape(layer))) * record.keep
-        schedule.append((layer.name, keys + [id(layer)], unpack))
+        schedule.append((layer.name, layer, unpack))
         step += 1
     for layer in graph.topological_layers(model):  # the model's outputs live to the end
         if not graph.outbound_layers(model, layer) and id(source(layer)) in buffers:
             buffers[id(source(layer))].end = step
     operators = []
-    for t, (name, _, unpack) in enumerate(schedule):
+    for t, (name, layer, unpack) in enumerate(schedule):
         live = [b for b in buffers.values() if b.start <= t <= b.end]
-        op = Operator(name, sum(b.bytes for b in live), unpack, sum(b.bytes for b in live) + unpack)
-        op.live = live  # for the prior (bbits_tf.costs): which gates own the live tensors
-        op.layer = next((layer for layer in ops if layer.name == name), None)
-        operators.append(op)
+        size = sum(b.bytes for b in live)
+        operators.append(Operator(name, size, unpack, size + unpack, live, layer))
     peak = max(operators, key=lambda o: o.bytes)
     conv_channels = sum(r.kept_out for r in records if graph.mac_kind(r.layer) != "Dense")
     persistent = (PERSISTENT_BYTES + PERSISTENT_BYTES_PER_CHANNEL * conv_channels

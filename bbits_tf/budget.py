@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 
 from bbits_tf import checks
+from bbits_tf import flash as flash_lib
 from bbits_tf import gates as gates_lib
 from bbits_tf._keras import keras
 from bbits_tf.bops import relative_bops as _relative_bops
@@ -219,6 +220,15 @@ class BopsBudget(keras.callbacks.Callback):
         """Relative half-width of the band around the target (``freeze_band``, or 0.05)."""
         return self.freeze_band if self.freeze_band is not None else 0.05
 
+    def _restore_candidates(self, now):
+        """``[(log_alpha now, gate index, element index)]``: the gate elements on in the snapshot and off ``now``,
+        closest to their threshold first."""
+        candidates = []
+        for i, (snap, cur, threshold) in enumerate(zip(self._snapshot, now, self._thresholds)):
+            for index in zip(*np.nonzero((snap > threshold) & (cur <= threshold))):
+                candidates.append((float(cur[index]), i, index))
+        return sorted(candidates, key=lambda c: -c[0])
+
     def restore_to(self, floor):
         """Switches gates closed since the last snapshot back on until the test-time BOPs are >= ``floor``.
 
@@ -227,11 +237,7 @@ class BopsBudget(keras.callbacks.Callback):
         ``(relative BOPs after the restore, number of gate elements restored)``.
         """
         now = [v.numpy() for v in self._gates]
-        candidates = []
-        for i, (snap, cur, threshold) in enumerate(zip(self._snapshot, now, self._thresholds)):
-            for index in zip(*np.nonzero((snap > threshold) & (cur <= threshold))):
-                candidates.append((float(cur[index]), i, index))
-        candidates.sort(key=lambda c: -c[0])
+        candidates = self._restore_candidates(now)
 
         def apply(k):
             values = [c.copy() for c in now]
@@ -300,11 +306,14 @@ class BopsBudget(keras.callbacks.Callback):
         if logs is not None:
             logs["mu"] = mu
         if self.print_fn is not None and self.history:
-            last = self.history[-1]
             frozen = f", gates frozen at step {self.frozen_at_step}" if self.frozen_at_step is not None else ""
-            self.print_fn(f"BopsBudget: epoch {epoch + 1}: mu {mu:.4g}, relative BOPs {last['relative_bops']:.3f}% "
-                          f"(expected {last['expected_relative_bops']:.3f}%), target {self.target_relative_bops}%"
+            self.print_fn(f"{type(self).__name__}: epoch {epoch + 1}: mu {mu:.4g}, {self._describe(self.history[-1])}"
                           f"{frozen}")
+
+    def _describe(self, last):
+        """The measured values of an update record, for the epoch line."""
+        return (f"relative BOPs {last['relative_bops']:.3f}% (expected {last['expected_relative_bops']:.3f}%), "
+                f"target {self.target_relative_bops}%")
 
 
 class Budget(BopsBudget):
@@ -351,7 +360,8 @@ class Budget(BopsBudget):
             raise ValueError("`relative_bops` is a percentage of the FP32 BOPs and must be in (0, 100]. "
                              f"Received: relative_bops={limits['relative_bops']!r}")
         self.limits = {k: float(v) for k, v in limits.items()}
-        self.int4 = int4
+        self.int4 = int4  # as given (get_config); ``_int4``: what the cost models use
+        self._int4 = flash_lib.DEFAULT_INT4 if int4 is None else int4
         self.latency_table = None
         if latency_table is not None:
             from bbits_tf.latency import LatencyTable  # pylint: disable=import-outside-toplevel
@@ -369,13 +379,12 @@ class Budget(BopsBudget):
 
     def predict(self, expected=False):
         """``{limit name: predicted value}`` of the model now."""
-        from bbits_tf import arena, flash  # pylint: disable=import-outside-toplevel
-        int4 = flash_default(self.int4)
+        from bbits_tf import arena  # pylint: disable=import-outside-toplevel
         found = {}
         if "flash_bytes" in self.limits:
-            found["flash_bytes"] = flash.flash_bytes(self.model, expected=expected, int4=int4)
+            found["flash_bytes"] = flash_lib.flash_bytes(self.model, expected=expected, int4=self._int4)
         if "arena_bytes" in self.limits:
-            found["arena_bytes"] = arena.arena_bytes(self.model, expected=expected, int4=int4)
+            found["arena_bytes"] = arena.arena_bytes(self.model, expected=expected, int4=self._int4)
         if "latency_us" in self.limits:
             from bbits_tf import latency  # pylint: disable=import-outside-toplevel
             table = self.latency_table or getattr(self.model, "bbits_latency_table", None)
@@ -396,11 +405,7 @@ class Budget(BopsBudget):
         threshold first, skipping any that would take the binding ratio above 1 (over a limit: a bit gate can
         double a layer's bytes), until the ratio is >= ``floor``. Returns ``(ratio, number restored)``."""
         now = [v.numpy() for v in self._gates]
-        candidates = []
-        for i, (snap, cur, threshold) in enumerate(zip(self._snapshot, now, self._thresholds)):
-            for index in zip(*np.nonzero((snap > threshold) & (cur <= threshold))):
-                candidates.append((float(cur[index]), i, index))
-        candidates.sort(key=lambda c: -c[0])
+        candidates = self._restore_candidates(now)
         values = [c.copy() for c in now]
         ratio, restored = self.measure(), 0
         for _, i, index in candidates:
@@ -420,7 +425,7 @@ class Budget(BopsBudget):
     def update(self):
         from bbits_tf import costs  # pylint: disable=import-outside-toplevel
         if costs.model_cost(self.model) in ("arena", "flash+arena"):
-            costs.set_prior(self.model, int4=flash_default(self.int4))
+            costs.set_prior(self.model, int4=self._int4)
         mu = super().update()
         record = self.history[-1]
         record["ratio"] = record.pop("relative_bops")
@@ -429,19 +434,5 @@ class Budget(BopsBudget):
         record.update(self.predict())
         return mu
 
-    def on_epoch_end(self, epoch, logs=None):
-        if not self._active:
-            return
-        mu = get_mu(self.model)
-        if logs is not None:
-            logs["mu"] = mu
-        if self.print_fn is not None and self.history:
-            last = self.history[-1]
-            values = ", ".join(f"{k} {last[k]:,.4g} (limit {v:,.4g})" for k, v in self.limits.items())
-            frozen = f", gates frozen at step {self.frozen_at_step}" if self.frozen_at_step is not None else ""
-            self.print_fn(f"Budget: epoch {epoch + 1}: mu {mu:.4g}, {values}{frozen}")
-
-
-def flash_default(int4):
-    from bbits_tf import flash  # pylint: disable=import-outside-toplevel
-    return flash.DEFAULT_INT4 if int4 is None else int4
+    def _describe(self, last):
+        return ", ".join(f"{k} {last[k]:,.4g} (limit {v:,.4g})" for k, v in self.limits.items())

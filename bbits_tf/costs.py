@@ -83,10 +83,10 @@ def _increments(bit_widths, per_bits):
 
 def flash_level_costs(model, int4=flash_lib.DEFAULT_INT4):
     """``{(wrapper name, role): bytes per level}`` of the flash prior (before scaling)."""
-    records = bops_lib.layer_bops(model, expected=True)
+    state = flash_lib.weight_state(model)
     out = {}
-    for r in records:
-        quantizer, _ = flash_lib.weight_state(model)[r.layer.name]
+    for r in bops_lib.layer_bops(model, expected=True):
+        quantizer, _ = state[r.layer.name]
         n_w, int4_layer = _per_channel_weights(r), flash_lib.is_int4_layer(r.layer, int4)
         levels = _increments(quantizer.bit_widths, lambda b: n_w * flash_lib.stored_bytes_per_weight(b, int4_layer))
         levels[0] += flash_lib.BIAS_BYTES if flash_lib.has_bias(r.layer) else 0.0
@@ -101,10 +101,10 @@ def arena_level_costs(model, int4=flash_lib.DEFAULT_INT4):
     plan = arena_lib.plan(model, expected=True, int4=int4)
     values = np.array([op.bytes for op in plan.operators])
     temperature = _SOFTMAX_TEMPERATURE * max(values.max(), 1.0)
-    weights = np.exp((values - values.max()) / temperature)
-    weights /= weights.sum()
+    exps = np.exp((values - values.max()) / temperature)
+    weights = exps / exps.sum()
     out = {(name, "weight"): np.zeros(len(state[name][0].bit_widths)) for name in records}
-    for op, w in zip(plan.operators, weights):
+    for op, w, e in zip(plan.operators, weights, exps):
         for buf in op.live:
             if buf.owner is not None:
                 out[(buf.owner.name, "weight")][0] += w * buf.per_channel * records[buf.owner.name].total_out
@@ -112,8 +112,7 @@ def arena_level_costs(model, int4=flash_lib.DEFAULT_INT4):
         if r is not None and flash_lib.is_int4_layer(r.layer, int4):
             n_w = _per_channel_weights(r)
             full = op.live_bytes + n_w * r.kept_out  # the operator's bytes if the layer were INT4
-            others = np.sum(np.exp((values - values.max()) / temperature)) - np.exp((op.bytes - values.max()) / temperature)
-            share = 1.0 / (1.0 + others * np.exp((values.max() - full) / temperature))
+            share = 1.0 / (1.0 + (exps.sum() - e) * np.exp((values.max() - full) / temperature))
             out[(r.layer.name, "weight")] += share * r.total_out * _increments(
                 state[r.layer.name][0].bit_widths, lambda b: n_w if b <= 4 else 0.0)
     for name, r in records.items():

@@ -96,13 +96,10 @@ def _table(table):
     return table if isinstance(table, LatencyTable) else LatencyTable(table)
 
 
-def layer_latency(model, table, *, expected=False, smooth=False, records=None):
+def layer_latency(model, table, *, expected=False, smooth=False):
     """Per MAC layer, its predicted microseconds at the kept channels (``LayerLatency`` rows)."""
     table = _table(table)
-    if records is None:
-        records, tensors = bops_lib.walk(model, expected=expected)
-    else:
-        tensors = bops_lib.walk(model, expected=expected)[1]
+    records, tensors = bops_lib.walk(model, expected=expected)
     rows = []
     for layer in graph.topological_layers(model):  # weightless operators the table has (pooling, Add, ...)
         name = graph.inner_layer(layer).name
@@ -159,10 +156,10 @@ def level_costs(model, table):
         if owner is not None and owner.name in by_name and graph.mac_kind(r.layer) != "DepthwiseConv2D":
             per_owner_channel = r.total_in / by_name[owner.name].total_out  # positions after a Flatten
             charge[owner.name] += slope(r, "in") * per_owner_channel
+    state = bops_lib._quantizer_state(model)  # pylint: disable=protected-access
     out = {}
     for name, r in by_name.items():
-        quantizer = bops_lib._quantizer_state(model)[name]["weight"][0]  # pylint: disable=protected-access
-        levels = np.zeros(len(quantizer.bit_widths))
+        levels = np.zeros(len(state[name]["weight"][0].bit_widths))
         levels[0] = charge[name] * r.total_out
         out[(name, "weight")] = levels
     return out

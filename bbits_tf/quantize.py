@@ -234,8 +234,7 @@ def quantize_model(
     prune = checks.boolean("prune", prune)
     mask_bias = checks.boolean("mask_bias", mask_bias)
     from bbits_tf import costs as costs_lib  # pylint: disable=import-outside-toplevel  (costs reads quantize)
-    latency_table = cost if costs_lib.check_cost(cost) == "latency" else None
-    cost = costs_lib.check_cost(cost)
+    cost_arg, cost = cost, costs_lib.check_cost(cost)  # the name; ``cost_arg`` may be a latency table
     if bit_widths is None:
         bit_widths = (2, 4, 8, 16, 32) if cost == "bops" else (2, 4, 8)
     bit_widths = validate_bit_widths(bit_widths)
@@ -325,7 +324,7 @@ def quantize_model(
     logger.info(report.format())
     bayesian_bits_quantizers(quantized)  # links tied pruning gates and each kernel quantizer to its input grid
     if cost != "bops":
-        costs_lib.set_prior(quantized, latency_table if cost == "latency" else cost)
+        costs_lib.set_prior(quantized, cost_arg)
     return quantized
 
 

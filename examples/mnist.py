@@ -541,7 +541,7 @@ def main(argv=None):
     output_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad option or missing data leaves no folder
     budget, table = None, None
     if args.cost == "latency" or args.budget_latency_us is not None or args.budget_latency_ratio is not None:
-        table = latency_table(build_model(args.model)(), output_dir)
+        table = latency_table(build_model(args.model), output_dir)
     latency_limit = args.budget_latency_us
     if args.budget_latency_ratio is not None:
         latency_limit = args.budget_latency_ratio * table["full_model_us"]

@@ -76,7 +76,7 @@ def plot_bit_widths(records, path, epoch_offset=0):
     plt.close(fig)
 
 
-def latency_table(model, output_dir):
+def latency_table(build, output_dir):
     """The LiteRT latency table of this run's model (``tflite_export.profile_latency``: every MAC layer at 1/8 ..
     8/8 of its channels, XNNPACK, one thread), read from ``latency_table.json`` in the output folder or measured
     and written there."""
@@ -86,7 +86,7 @@ def latency_table(model, output_dir):
     import tflite_export  # lazy: heavy
 
     print("measuring the latency table (tflite_export.profile_latency) ...")
-    table = tflite_export.profile_latency(model, print_fn=print)
+    table = tflite_export.profile_latency(build(), print_fn=print)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=1))
     return table

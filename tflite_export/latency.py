@@ -31,10 +31,11 @@ from .verify import time_file
 DEFAULT_FRACTIONS = tuple(k / 8 for k in range(1, 9))  # XNNPACK works in tiles of 8-16 channels
 
 
-def _int8_file(model, x):
+def _int8_file(model, xs):
+    """Full-integer int8 .tflite of a float model, calibrated on ``xs`` (one array of 8 samples per input)."""
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([x[i:i + 1]] for i in range(len(x)))
+    converter.representative_dataset = lambda: ([x[i:i + 1] for x in xs] for i in range(len(xs[0])))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.int8
     converter.inference_output_type = tf.int8
@@ -76,7 +77,7 @@ def _layer_file(model, layer, f_in, f_out, seed):
     inp = keras.Input(tuple(shape), batch_size=1)
     single = keras.Model(inp, _float_layer(layer, c_in, c_out)(inp))
     x = np.random.default_rng(seed).uniform(-1, 1, (8, *shape)).astype(np.float32)
-    return _int8_file(single, x), c_in, c_out
+    return _int8_file(single, [x]), c_in, c_out
 
 
 # Layers without weights that become TFLite operators whose time scales with the channels: profiled too, so that
@@ -99,13 +100,7 @@ def _op_file(model, layer, fraction, seed):
     single = keras.Model(inputs, out)
     rng = np.random.default_rng(seed)
     xs = [rng.uniform(-1, 1, (8, *i.shape[1:])).astype(np.float32) for i in inputs]
-    converter = tf.lite.TFLiteConverter.from_keras_model(single)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([x[i:i + 1] for x in xs] for i in range(8))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-    return converter.convert(), int(sum(int(i.shape[-1]) for i in inputs))
+    return _int8_file(single, xs), int(sum(int(i.shape[-1]) for i in inputs))
 
 
 def _plain(model):
@@ -172,7 +167,7 @@ def profile_latency(model, *, fractions: Sequence[float] = DEFAULT_FRACTIONS, ru
             print_fn(f"profile_latency: {name}: {len(points)} points, full size {points[-1][2]:.1f} us")
     shape = list(plain.input_shape[1:])
     x = np.random.default_rng(seed).uniform(0, 1, (8, *shape)).astype(np.float32)
-    full = time_file(_int8_file(plain, x), runs=runs, num_threads=num_threads, delegates=delegates)
+    full = time_file(_int8_file(plain, [x]), runs=runs, num_threads=num_threads, delegates=delegates)
     layers_full = sum(max(layer["points"], key=lambda p: (p[0], p[1]))[2] for layer in layers.values())
     return {"delegates": delegates, "num_threads": num_threads, "fractions": fractions, "full_model_us": full,
             "layers_full_us": layers_full, "other_us": full - layers_full, "layers": layers, "runs": runs,
